@@ -1,0 +1,207 @@
+//! The SQLite backend, the embedded default: diesel-async's sync wrapper over
+//! `SqliteConnection` (SQLite bundled), WAL mode, one writer connection whose transactions
+//! start with `BEGIN IMMEDIATE`, a small pool of readers, and notices through an in-process
+//! channel after each commit.
+
+mod schema;
+
+use std::path::PathBuf;
+
+use diesel::Connection;
+use diesel::sqlite::SqliteConnection;
+use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::{AsyncConnection, TransactionManager};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use tokio::sync::{Mutex, MutexGuard};
+
+use crate::notify::Notifier;
+use crate::{Clock, StoreOptions};
+
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/sqlite");
+const BACKEND: &str = "sqlite";
+
+type Conn = SyncConnectionWrapper<SqliteConnection>;
+type ThisStore = SqliteStore;
+
+macro_rules! locked {
+    ($query:expr) => {
+        $query
+    };
+}
+
+macro_rules! skip_locked {
+    ($query:expr) => {
+        $query
+    };
+}
+
+/// diesel-async cannot build SQLite's multi-row inserts; the wrapped sync connection can.
+macro_rules! insert_rows {
+    ($c:expr, $table:expr, $rows:expr) => {{
+        let rows = $rows;
+        $c.spawn_blocking(move |conn| diesel::RunQueryDsl::execute(diesel::insert_into($table).values(rows), conn))
+            .await?
+    }};
+}
+
+macro_rules! write_tx {
+    ($conn:expr, |$c:ident| $body:expr) => {{
+        let conn: &mut Conn = &mut *$conn;
+        conn.immediate_transaction(async move |$c: &mut Conn| $body).await
+    }};
+}
+
+/// A store on one SQLite file.
+#[derive(Clone)]
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: std::sync::Arc<Mutex<Conn>>,
+    readers: Pool<Conn>,
+    notifier: Notifier,
+    clock: Clock,
+    max_error_chars: usize,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Per-connection settings: WAL (persistent), full sync so a commit survives power loss,
+/// foreign keys on, and a busy timeout as a backstop behind the single writer.
+fn configure(conn: &mut SqliteConnection) -> QueryResult<()> {
+    for pragma in [
+        "PRAGMA journal_mode = WAL",
+        "PRAGMA synchronous = FULL",
+        "PRAGMA foreign_keys = ON",
+        "PRAGMA busy_timeout = 10000",
+    ] {
+        diesel::RunQueryDsl::execute(diesel::sql_query(pragma), conn)?;
+    }
+    Ok(())
+}
+
+fn open(path: &str) -> Result<SqliteConnection, StoreError> {
+    let mut conn = SqliteConnection::establish(path)?;
+    configure(&mut conn)?;
+    Ok(conn)
+}
+
+/// `sqlite://file.db` is relative to the working directory, `sqlite:///abs/file.db` absolute.
+fn path_of(url: &str) -> Result<PathBuf, StoreError> {
+    let path = url
+        .strip_prefix("sqlite://")
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| StoreError::Config(format!("`{url}` is not a sqlite://FILE URL")))?;
+    Ok(PathBuf::from(path))
+}
+
+impl SqliteStore {
+    /// Opens (creating) the file, applies migrations when asked.
+    pub async fn connect(options: StoreOptions) -> Result<Self, StoreError> {
+        let path = path_of(&options.url)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Connection(format!("{}: {e}", dir.display())))?;
+        }
+        let path_str = path.to_string_lossy().into_owned();
+        let writer = {
+            let p = path_str.clone();
+            tokio::task::spawn_blocking(move || open(&p))
+                .await
+                .map_err(|e| StoreError::Connection(e.to_string()))??
+        };
+        let mut config = ManagerConfig::default();
+        config.custom_setup = Box::new(|url| {
+            let url = url.to_owned();
+            Box::pin(async move {
+                tokio::task::spawn_blocking(move || {
+                    let mut conn = SqliteConnection::establish(&url)?;
+                    configure(&mut conn).map_err(ConnectionError::CouldntSetupConfiguration)?;
+                    Ok(SyncConnectionWrapper::new(conn))
+                })
+                .await
+                .map_err(|e| ConnectionError::BadConnection(e.to_string()))?
+            })
+        });
+        let manager = AsyncDieselConnectionManager::<Conn>::new_with_config(path_str, config);
+        let readers = Pool::builder(manager)
+            .max_size(options.max_connections.max(1))
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Connection(e.to_string()))?;
+        let store = Self {
+            path,
+            writer: std::sync::Arc::new(Mutex::new(SyncConnectionWrapper::new(writer))),
+            readers,
+            notifier: Notifier::new(),
+            clock: options.clock,
+            max_error_chars: 1_000,
+        };
+        if options.migrate {
+            store.run_migrations().await?;
+        }
+        Ok(store)
+    }
+
+    async fn read_conn(&self) -> Result<Object<Conn>, StoreError> {
+        self.readers
+            .get()
+            .await
+            .map_err(|e| StoreError::Connection(e.to_string()))
+    }
+
+    /// The one writer. A write whose future was dropped mid-transaction leaves it open;
+    /// roll that back before the next one begins.
+    async fn write_conn(&self) -> Result<MutexGuard<'_, Conn>, StoreError> {
+        let mut conn = self.writer.lock().await;
+        let open = <Conn as AsyncConnection>::TransactionManager::transaction_manager_status_mut(&mut *conn)
+            .transaction_depth()
+            .map_err(StoreError::Database)?
+            .is_some();
+        if open {
+            tracing::warn!("rolling back a write transaction left open by a cancelled request");
+            <Conn as AsyncConnection>::TransactionManager::rollback_transaction(&mut *conn).await?;
+        }
+        Ok(conn)
+    }
+
+    async fn notify_in_tx(_c: &mut Conn, _notices: &[Notice]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn after_commit(&self, notices: Vec<Notice>) {
+        self.notifier.publish(notices);
+    }
+
+    async fn run_migrations(&self) -> Result<usize, StoreError> {
+        let path = self.path.to_string_lossy().into_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = open(&path)?;
+            conn.run_pending_migrations(MIGRATIONS)
+                .map(|v| v.len())
+                .map_err(|e| StoreError::Migration(e.to_string()))
+        })
+        .await
+        .map_err(|e| StoreError::Migration(e.to_string()))?
+    }
+
+    async fn pending_migrations(&self) -> Result<usize, StoreError> {
+        let path = self.path.to_string_lossy().into_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = open(&path)?;
+            conn.pending_migrations(MIGRATIONS)
+                .map(|v| v.len())
+                .map_err(|e| StoreError::Migration(e.to_string()))
+        })
+        .await
+        .map_err(|e| StoreError::Migration(e.to_string()))?
+    }
+}
+
+include!("common.rs");
