@@ -5,12 +5,52 @@
 //! (e.g. `postgres://postgres@127.0.0.1:5432/postgres`). Without it they are skipped, except
 //! under CI (`CI` set), where a missing or unreachable server fails the test.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use time::OffsetDateTime;
+
+use crate::Clock;
 
 /// The variable that names the PostgreSQL server tests may create databases on.
 pub const TEST_DATABASE_URL: &str = "BATCHD_TEST_DATABASE_URL";
+
+/// A clock that moves only when the test says so, for the store's `StoreOptions::clock`.
+#[derive(Debug, Clone)]
+pub struct ManualClock(Arc<AtomicI64>);
+
+impl Default for ManualClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ManualClock {
+    /// Starts at the current time, in whole microseconds.
+    pub fn new() -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self(Arc::new(AtomicI64::new((now.unix_timestamp_nanos() / 1_000) as i64)))
+    }
+
+    /// The clock to hand to the store.
+    pub fn clock(&self) -> Clock {
+        let micros = self.0.clone();
+        Arc::new(move || {
+            OffsetDateTime::from_unix_timestamp_nanos(i128::from(AtomicI64::load(&micros, Ordering::SeqCst)) * 1_000)
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+        })
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(by.as_micros() as i64, Ordering::SeqCst);
+    }
+
+    pub fn now(&self) -> OffsetDateTime {
+        (self.clock())()
+    }
+}
 
 /// A database that exists for one test.
 #[derive(Debug)]

@@ -1,17 +1,15 @@
 //! Test helpers that read like the store's API.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use batchd_domain::{ItemStatus, JsonMap, Mode, OnItemFailure, RetryPolicy};
-use batchd_storage::testing::TestDatabase;
+use batchd_storage::testing::{ManualClock, TestDatabase};
 use batchd_storage::{
-    BatchRecord, ClaimRequest, ClaimedItem, Clock, CreateOutcome, Finish, FinishResult, ItemRecord, NewBatch, NewItem,
+    BatchRecord, ClaimRequest, ClaimedItem, CreateOutcome, Finish, FinishResult, ItemRecord, NewBatch, NewItem,
     Outcome, PageRequest, Scope, Store, StoreOptions,
 };
 use serde_json::{Value, json};
-use time::OffsetDateTime;
 
 /// Generates, for each listed test function, one `#[tokio::test]` per backend.
 macro_rules! conformance {
@@ -37,33 +35,6 @@ macro_rules! conformance {
     };
 }
 pub(crate) use conformance;
-
-/// A clock that moves only when the test says so.
-#[derive(Debug, Clone)]
-pub struct ManualClock(Arc<AtomicI64>);
-
-impl ManualClock {
-    fn new() -> Self {
-        let now = OffsetDateTime::now_utc();
-        Self(Arc::new(AtomicI64::new((now.unix_timestamp_nanos() / 1_000) as i64)))
-    }
-
-    pub fn clock(&self) -> Clock {
-        let micros = self.0.clone();
-        Arc::new(move || {
-            OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros.load(Ordering::SeqCst)) * 1_000)
-                .expect("a valid time")
-        })
-    }
-
-    pub fn advance(&self, by: Duration) {
-        self.0.fetch_add(by.as_micros() as i64, Ordering::SeqCst);
-    }
-
-    pub fn now(&self) -> OffsetDateTime {
-        (self.clock())()
-    }
-}
 
 pub struct Fixture {
     pub store: Arc<dyn Store>,

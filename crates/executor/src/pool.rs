@@ -1,0 +1,637 @@
+//! The worker pool: one claim loop per queue, one task per running item, a heartbeat per
+//! item, a finisher that writes results in group commits, a watcher that relays control
+//! requests to running items, and a rescuer that puts expired leases back.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use batchd_domain::{BatchStatus, ItemSettings, ItemStatus, JsonMap, Mode, merge_config};
+use batchd_storage::{
+    ClaimRequest, ClaimedItem, Finish, FinishResult, LeaseState, Notice, Outcome, Scope, Store, StoreError,
+};
+use futures_util::FutureExt;
+use serde_json::Value;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::handler::{BatchContext, BatchInfo, Completion, Handler, HandlerError, HandlerRegistry, ItemContext, Retry};
+use crate::limiter::TokenBucket;
+
+/// Items claimed per statement at most.
+const MAX_CLAIM: usize = 100;
+/// Results written per group commit at most.
+const MAX_FINISH_GROUP: usize = 500;
+/// How long a handler may go on after its item was cancelled before it is abandoned.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
+
+/// One queue this node runs.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub name: String,
+    /// The registered handler's name.
+    pub handler: String,
+    pub concurrency: usize,
+    /// Items started per second; 0 for no limit.
+    pub rate_per_second: f64,
+    pub burst: u32,
+    pub lease: Duration,
+    /// The queue-level config under every batch's and item's: the server defaults, then the
+    /// queue's own settings (`timeout_ms`, `max_attempts`, `backoff_base_ms`,
+    /// `backoff_max_ms`) and its `defaults` table.
+    pub defaults: JsonMap,
+}
+
+/// The pool's settings.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// This node's name, recorded as the lease owner.
+    pub node_id: String,
+    pub queues: Vec<QueueConfig>,
+    /// Items running at once on this node, all queues together.
+    pub max_running: usize,
+    /// The fallback poll, for wake-ups that were lost and for retries coming due.
+    pub poll_interval: Duration,
+    /// How often expired leases are looked for.
+    pub rescue_interval: Duration,
+    /// How long running items may finish after shutdown begins.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        Self {
+            node_id: format!("batchd-{}", std::process::id()),
+            queues: Vec::new(),
+            max_running: 256,
+            poll_interval: Duration::from_secs(1),
+            rescue_interval: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The pool could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExecutorError {
+    #[error("queue `{queue}` names handler `{handler}`, which is not registered")]
+    UnknownHandler { queue: String, handler: String },
+    #[error("queue `{0}` must have a concurrency of at least 1")]
+    NoConcurrency(String),
+}
+
+/// Starts and stops the pool.
+#[derive(Debug)]
+pub struct Executor;
+
+impl Executor {
+    /// Starts a claim loop per queue and the pool's background tasks.
+    pub fn start(
+        store: Arc<dyn Store>,
+        registry: HandlerRegistry,
+        config: ExecutorConfig,
+    ) -> Result<ExecutorHandle, ExecutorError> {
+        let mut queues = Vec::new();
+        for queue in &config.queues {
+            let handler = registry
+                .get(&queue.handler)
+                .ok_or_else(|| ExecutorError::UnknownHandler {
+                    queue: queue.name.clone(),
+                    handler: queue.handler.clone(),
+                })?;
+            if queue.concurrency == 0 {
+                return Err(ExecutorError::NoConcurrency(queue.name.clone()));
+            }
+            queues.push((queue.clone(), handler));
+        }
+        let (finish_tx, finish_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            store: store.clone(),
+            global: Arc::new(Semaphore::new(config.max_running.max(1))),
+            running: Mutex::new(HashMap::new()),
+            contexts: tokio::sync::Mutex::new(HashMap::new()),
+            finish_tx,
+            stop_claiming: CancellationToken::new(),
+            release_now: CancellationToken::new(),
+            items: TaskTracker::new(),
+            config: config.clone(),
+        });
+        let stop_background = CancellationToken::new();
+        let mut background = Vec::new();
+        for (queue, handler) in queues {
+            background.push(tokio::spawn(claim_loop(inner.clone(), queue, handler)));
+        }
+        let finisher = tokio::spawn(finisher(store.clone(), finish_rx));
+        background.push(tokio::spawn(watch_control(inner.clone(), stop_background.clone())));
+        background.push(tokio::spawn(rescue_expired(inner.clone(), stop_background.clone())));
+        Ok(ExecutorHandle {
+            inner,
+            background,
+            finisher,
+            stop_background,
+        })
+    }
+}
+
+/// A running pool; `shutdown` stops it.
+#[derive(Debug)]
+pub struct ExecutorHandle {
+    inner: Arc<Inner>,
+    background: Vec<JoinHandle<()>>,
+    finisher: JoinHandle<()>,
+    stop_background: CancellationToken,
+}
+
+impl ExecutorHandle {
+    /// Items running on this node now.
+    pub fn running(&self) -> usize {
+        self.inner.running.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Stops claiming, lets running items finish within the grace period, hands the rest
+    /// back without spending an attempt, writes every result, and joins every task.
+    pub async fn shutdown(self) {
+        let inner = self.inner;
+        inner.stop_claiming.cancel();
+        inner.items.close();
+        if tokio::time::timeout(inner.config.shutdown_grace, inner.items.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                running = inner.items.len(),
+                "grace period over; handing running items back"
+            );
+            inner.release_now.cancel();
+            inner.items.wait().await;
+        }
+        self.stop_background.cancel();
+        for task in self.background {
+            let _ = task.await;
+        }
+        let contexts: Vec<_> = inner.contexts.lock().await.drain().collect();
+        for (_, open) in contexts {
+            open.handler.close_batch_context(&open.info, open.context).await;
+        }
+        // Every item task has ended, so the last sender goes with `inner`.
+        drop(inner);
+        let _ = self.finisher.await;
+    }
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    config: ExecutorConfig,
+    global: Arc<Semaphore>,
+    /// Items running here: id → (batch id, cancellation).
+    running: Mutex<HashMap<String, (String, CancellationToken)>>,
+    /// Open shared contexts of sequential batches.
+    contexts: tokio::sync::Mutex<HashMap<String, OpenContext>>,
+    finish_tx: mpsc::UnboundedSender<(Finish, oneshot::Sender<Result<FinishResult, String>>)>,
+    stop_claiming: CancellationToken,
+    release_now: CancellationToken,
+    items: TaskTracker,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("node_id", &self.config.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+struct OpenContext {
+    context: BatchContext,
+    handler: Arc<dyn Handler>,
+    info: BatchInfo,
+}
+
+/// Whether a notice may mean work for this queue.
+fn wakes(notice: &Result<Notice, broadcast::error::RecvError>, queue: &str) -> bool {
+    match notice {
+        Ok(Notice::Work { queue: q } | Notice::Queue { queue: q }) => q == queue,
+        Ok(Notice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => true,
+        Ok(Notice::Control { .. } | Notice::Events { .. }) => false,
+        Err(broadcast::error::RecvError::Closed) => false,
+    }
+}
+
+/// Claims and starts items of one queue whenever it has free slots and work may be there.
+async fn claim_loop(inner: Arc<Inner>, queue: QueueConfig, handler: Arc<dyn Handler>) {
+    let slots = Arc::new(Semaphore::new(queue.concurrency));
+    let slot_freed = Arc::new(Notify::new());
+    let mut bucket = (queue.rate_per_second > 0.0).then(|| TokenBucket::new(queue.rate_per_second, queue.burst));
+    // Subscribed before the first claim, so nothing that commits in between is missed.
+    let mut notices = inner.store.subscribe();
+    let request = ClaimRequest {
+        queue: queue.name.clone(),
+        max_items: 0,
+        lease: queue.lease,
+        owner: inner.config.node_id.clone(),
+    };
+    let mut error_backoff = Duration::from_millis(100);
+    loop {
+        if inner.stop_claiming.is_cancelled() {
+            return;
+        }
+        let mut permits = Vec::new();
+        while permits.len() < MAX_CLAIM {
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                break;
+            };
+            let Ok(global) = inner.global.clone().try_acquire_owned() else {
+                break;
+            };
+            permits.push((slot, global));
+        }
+        let mut want = permits.len();
+        if let Some(bucket) = bucket.as_mut() {
+            want = bucket.take(want);
+            permits.truncate(want);
+        }
+        let mut more = false;
+        if want > 0 {
+            match inner
+                .store
+                .claim(&ClaimRequest {
+                    max_items: want,
+                    ..request.clone()
+                })
+                .await
+            {
+                Ok(items) => {
+                    more = items.len() == want;
+                    if let Some(bucket) = bucket.as_mut() {
+                        bucket.give_back(want - items.len());
+                    }
+                    for item in items {
+                        let Some(permit) = permits.pop() else { break };
+                        start_item(&inner, &queue, &handler, item, permit, slot_freed.clone());
+                    }
+                    error_backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %queue.name, error = %e, "claim failed; retrying");
+                    if let Some(bucket) = bucket.as_mut() {
+                        bucket.give_back(want);
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(error_backoff) => {}
+                        () = inner.stop_claiming.cancelled() => return,
+                    }
+                    error_backoff = (error_backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
+        drop(permits);
+        if more {
+            continue;
+        }
+        let poll = match bucket.as_mut() {
+            Some(bucket) if want == 0 && slots.available_permits() > 0 => {
+                bucket.wait_for_one().max(Duration::from_millis(1))
+            }
+            _ => inner.config.poll_interval,
+        };
+        let deadline = tokio::time::sleep(poll);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = inner.stop_claiming.cancelled() => return,
+                () = &mut deadline => break,
+                () = slot_freed.notified() => break,
+                notice = notices.recv() => {
+                    if matches!(notice, Err(broadcast::error::RecvError::Closed)) {
+                        return;
+                    }
+                    if wakes(&notice, &queue.name) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn start_item(
+    inner: &Arc<Inner>,
+    queue: &QueueConfig,
+    handler: &Arc<dyn Handler>,
+    item: ClaimedItem,
+    permit: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    slot_freed: Arc<Notify>,
+) {
+    let cancel = CancellationToken::new();
+    inner
+        .running
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(item.id.clone(), (item.batch_id.clone(), cancel.clone()));
+    let (inner, queue, handler) = (inner.clone(), queue.clone(), handler.clone());
+    inner.items.clone().spawn(async move {
+        let item_id = item.id.clone();
+        run_item(&inner, &queue, handler, item, cancel).await;
+        inner
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&item_id);
+        drop(permit);
+        slot_freed.notify_one();
+    });
+}
+
+/// Runs one claimed item to the end of its attempt and reports the result.
+async fn run_item(
+    inner: &Arc<Inner>,
+    queue: &QueueConfig,
+    handler: Arc<dyn Handler>,
+    item: ClaimedItem,
+    cancel: CancellationToken,
+) {
+    let config = merge_config([&queue.defaults, &item.batch_config, &item.item_config]);
+    let settings = ItemSettings::from_config(&config);
+    let releases_context = item.input.get("release_context").and_then(Value::as_bool) == Some(true);
+    let info = BatchInfo {
+        batch_id: item.batch_id.clone(),
+        session_id: item.session_id.clone(),
+        config: item.batch_config.clone(),
+    };
+    let sequential = item.mode == Mode::Sequential;
+    let (item_id, lease_token, attempt) = (item.id.clone(), item.lease_token.clone(), item.attempt);
+    let heartbeat = tokio::spawn(heartbeat(
+        inner.store.clone(),
+        item_id.clone(),
+        lease_token.clone(),
+        queue.lease,
+        cancel.clone(),
+    ));
+
+    let outcome = match open_context(inner, &handler, &info, sequential).await {
+        Err(e) => failure(e, &settings),
+        Ok(batch_context) => {
+            let context = ItemContext::new(item, config, batch_context, cancel.clone(), inner.store.clone());
+            let attempt_future = std::panic::AssertUnwindSafe(handler.run(context)).catch_unwind();
+            tokio::select! {
+                result = tokio::time::timeout(settings.timeout, attempt_future) => match result {
+                    Err(_) => {
+                        cancel.cancel();
+                        failure(HandlerError::transient(format!("timed out after {} ms", settings.timeout.as_millis())), &settings)
+                    }
+                    Ok(Err(panic)) => failure(HandlerError::transient(format!("handler panicked: {}", panic_message(&panic))), &settings),
+                    Ok(Ok(Ok(Completion::Completed(result)))) => Outcome::Completed { result },
+                    Ok(Ok(Ok(Completion::NeedsInput(question)))) => Outcome::NeedsInput { question },
+                    Ok(Ok(Err(e))) => failure(e, &settings),
+                },
+                () = cancelled_past_grace(&cancel) => Outcome::Cancelled,
+                () = inner.release_now.cancelled() => {
+                    cancel.cancel();
+                    Outcome::Released
+                }
+            }
+        }
+    };
+    heartbeat.abort();
+    let finish = Finish {
+        item_id: item_id.clone(),
+        lease_token,
+        outcome,
+    };
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let result = match inner.finish_tx.send((finish, reply_tx)) {
+        Ok(()) => reply_rx
+            .await
+            .unwrap_or_else(|_| Err("the finisher stopped".to_owned())),
+        Err(_) => Err("the finisher stopped".to_owned()),
+    };
+    match &result {
+        Ok(FinishResult::LeaseLost) => tracing::info!(item = %item_id, attempt, "lease lost; the result was dropped"),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(item = %item_id, attempt, error = %e, "could not record the attempt; its lease will expire")
+        }
+    }
+    if sequential {
+        let item_waits = matches!(
+            result,
+            Ok(FinishResult::Applied(ItemStatus::NeedsInput | ItemStatus::Pending))
+        );
+        if releases_context || !item_waits && batch_is_done(&inner.store, &info.batch_id).await {
+            close_context(inner, &info.batch_id).await;
+        }
+    }
+}
+
+fn failure(e: HandlerError, settings: &ItemSettings) -> Outcome {
+    let (retryable, retry_after) = match e.retry {
+        Retry::Transient => (true, None),
+        Retry::After(delay) => (true, Some(delay)),
+        Retry::Permanent => (false, None),
+    };
+    Outcome::Failed {
+        error: e.message,
+        retryable,
+        retry_after,
+        policy: settings.retry,
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// Completes `CANCEL_GRACE` after the token fires: a handler that ignores its cancellation
+/// is abandoned then.
+async fn cancelled_past_grace(cancel: &CancellationToken) {
+    cancel.cancelled().await;
+    tokio::time::sleep(CANCEL_GRACE).await;
+}
+
+/// Whether a batch has nothing left for its shared context to serve.
+async fn batch_is_done(store: &Arc<dyn Store>, batch_id: &str) -> bool {
+    match store.get_batch(Scope::All, batch_id).await {
+        Ok(batch) => {
+            batch.status.is_terminal()
+                || matches!(batch.status, BatchStatus::Cancelling)
+                || batch.counts.pending == 0 && batch.counts.running == 0 && batch.counts.needs_input == 0
+        }
+        Err(StoreError::NotFound) => true,
+        Err(_) => false,
+    }
+}
+
+async fn open_context(
+    inner: &Arc<Inner>,
+    handler: &Arc<dyn Handler>,
+    info: &BatchInfo,
+    sequential: bool,
+) -> Result<Option<BatchContext>, HandlerError> {
+    if !sequential {
+        return Ok(None);
+    }
+    let mut contexts = inner.contexts.lock().await;
+    if let Some(open) = contexts.get(&info.batch_id) {
+        return Ok(Some(open.context.clone()));
+    }
+    let Some(context) = handler.open_batch_context(info).await? else {
+        return Ok(None);
+    };
+    contexts.insert(
+        info.batch_id.clone(),
+        OpenContext {
+            context: context.clone(),
+            handler: handler.clone(),
+            info: info.clone(),
+        },
+    );
+    Ok(Some(context))
+}
+
+async fn close_context(inner: &Arc<Inner>, batch_id: &str) {
+    let open = inner.contexts.lock().await.remove(batch_id);
+    if let Some(open) = open {
+        open.handler.close_batch_context(&open.info, open.context).await;
+    }
+}
+
+/// Renews the lease every third of its length; fires the cancellation when the batch was
+/// cancelled or the lease lost.
+async fn heartbeat(
+    store: Arc<dyn Store>,
+    item_id: String,
+    lease_token: String,
+    lease: Duration,
+    cancel: CancellationToken,
+) {
+    let every = (lease / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(every).await;
+        match store.renew_lease(&item_id, &lease_token, lease).await {
+            Ok(LeaseState::Held(_)) => {}
+            Ok(LeaseState::Cancelled | LeaseState::Lost) => {
+                cancel.cancel();
+                return;
+            }
+            Err(e) => tracing::warn!(item = %item_id, error = %e, "lease renewal failed; retrying"),
+        }
+    }
+}
+
+/// Writes results in group commits: whatever is waiting when a commit ends goes into the
+/// next one. A failed commit is retried a few times before its items are left to their
+/// leases.
+async fn finisher(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::UnboundedReceiver<(Finish, oneshot::Sender<Result<FinishResult, String>>)>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut group = vec![first];
+        while group.len() < MAX_FINISH_GROUP {
+            match rx.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        let (finishes, replies): (Vec<Finish>, Vec<_>) = group.into_iter().unzip();
+        let mut delay = Duration::from_millis(100);
+        let mut outcome = store.finish(finishes.clone()).await;
+        for _ in 0..5 {
+            let Err(e) = &outcome else { break };
+            tracing::warn!(error = %e, items = finishes.len(), "recording results failed; retrying");
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+            outcome = store.finish(finishes.clone()).await;
+        }
+        match outcome {
+            Ok(results) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(Ok(result));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// Relays control requests to the items running here: when a batch is cancelled (or failed
+/// under `fail_batch`), its running items' cancellation fires.
+async fn watch_control(inner: Arc<Inner>, stop: CancellationToken) {
+    let mut notices = inner.store.subscribe();
+    loop {
+        let batch_ids: Vec<String> = tokio::select! {
+            () = stop.cancelled() => return,
+            notice = notices.recv() => match notice {
+                Ok(Notice::Control { batch_id }) => vec![batch_id],
+                Ok(Notice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => running_batches(&inner),
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+        };
+        for batch_id in batch_ids {
+            let tokens = tokens_of(&inner, &batch_id);
+            if tokens.is_empty() {
+                continue;
+            }
+            let stop_items = match inner.store.get_batch(Scope::All, &batch_id).await {
+                Ok(batch) => matches!(
+                    batch.status,
+                    BatchStatus::Cancelling | BatchStatus::Cancelled | BatchStatus::Failed
+                ),
+                Err(StoreError::NotFound) => true,
+                Err(e) => {
+                    tracing::warn!(batch = %batch_id, error = %e, "cannot read a batch after a control request");
+                    false
+                }
+            };
+            if stop_items {
+                tokens.iter().for_each(CancellationToken::cancel);
+            }
+        }
+    }
+}
+
+fn running_batches(inner: &Inner) -> Vec<String> {
+    let running = inner.running.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut ids: Vec<String> = running.values().map(|(b, _)| b.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+fn tokens_of(inner: &Inner, batch_id: &str) -> Vec<CancellationToken> {
+    let running = inner.running.lock().unwrap_or_else(PoisonError::into_inner);
+    running
+        .values()
+        .filter(|(b, _)| b == batch_id)
+        .map(|(_, t)| t.clone())
+        .collect()
+}
+
+/// Puts expired leases back (their workers died); every node runs it, and the store's
+/// locking makes that safe.
+async fn rescue_expired(inner: Arc<Inner>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(inner.config.rescue_interval) => {}
+        }
+        match inner.store.requeue_expired_leases().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(items = n, "put back items whose lease expired"),
+            Err(e) => tracing::warn!(error = %e, "looking for expired leases failed"),
+        }
+    }
+}
