@@ -181,3 +181,51 @@ pub struct ErrorDetail {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_status: Option<String>,
 }
+
+/// `GET /v1/batches`: newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchList {
+    pub batches: Vec<BatchView>,
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /v1/batches/{id}/items` (by index) and `GET /v1/items` (oldest first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ItemList {
+    pub items: Vec<ItemView>,
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /v1/batches/{id}/events`: in `seq` order; the next page is `?after=<last seq>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventList {
+    pub events: Vec<EventView>,
+}
+
+/// `POST /v1/items/{id}/input`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnswerRequest {
+    pub answer: Value,
+}
+
+/// One queue in `GET /v1/queues`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueView {
+    pub name: String,
+    pub handler: Option<String>,
+    pub paused: bool,
+    /// Pending items.
+    pub depth: i64,
+    pub running: i64,
+    pub needs_input: i64,
+    /// Items completed in the last minute.
+    pub throughput_per_minute: i64,
+    /// Seconds since the oldest pending item was submitted.
+    pub oldest_pending_age_seconds: Option<f64>,
+}
+
+/// `GET /v1/queues`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueList {
+    pub queues: Vec<QueueView>,
+}

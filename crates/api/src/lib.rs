@@ -1,0 +1,86 @@
+#![doc = include_str!("../README.md")]
+
+mod auth;
+mod error;
+mod health;
+mod request_id;
+
+use std::sync::Arc;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::middleware::from_fn;
+use actix_web::{App, HttpRequest, HttpResponse, web};
+use batchd_storage::Store;
+
+pub use auth::Role;
+pub use error::{ApiError, ErrorCode};
+pub use request_id::{RequestId, X_REQUEST_ID, request_id};
+
+/// What every handler shares, passed as `web::Data<ApiState>`. Build it with
+/// [`ApiState::new`]; fields are added as the API grows.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ApiState {
+    pub store: Arc<dyn Store>,
+}
+
+impl ApiState {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+}
+
+/// Registers batchd's routes. Mount it at the root of an app or in a scope; the app must
+/// carry `web::Data<ApiState>` and should wrap [`request_id`].
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    health::configure(cfg);
+}
+
+/// batchd's whole HTTP app: the state, the routes, the [`request_id`] middleware and a
+/// default service that answers unknown paths with `404 not_found`.
+pub fn app(
+    state: web::Data<ApiState>,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    App::new()
+        .app_data(state)
+        .wrap(from_fn(request_id))
+        .configure(configure)
+        .default_service(web::to(not_found))
+}
+
+/// The JSON body settings of the API: bodies up to `limit` bytes, and extractor errors in the
+/// error shape (`malformed_json`, `payload_too_large`, `unsupported_media_type`).
+pub fn json_config(limit: usize) -> web::JsonConfig {
+    web::JsonConfig::default().limit(limit).error_handler(|error, _req| {
+        use actix_web::error::JsonPayloadError;
+        let api_error = match &error {
+            JsonPayloadError::OverflowKnownLength { .. } | JsonPayloadError::Overflow { .. } => {
+                ApiError::PayloadTooLarge(error.to_string())
+            }
+            JsonPayloadError::ContentType => {
+                ApiError::UnsupportedMediaType("the body must be application/json".to_owned())
+            }
+            _ => ApiError::MalformedJson(error.to_string()),
+        };
+        api_error.into()
+    })
+}
+
+/// The default service: `404 not_found` in the error shape for any path batchd does not
+/// serve.
+pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.path()
+    )))
+}

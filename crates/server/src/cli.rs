@@ -1,0 +1,191 @@
+//! The `batchd` command line: `serve` (the default), `migrate` and `config check`.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::run::{self, check_open_mode, shutdown_signal, start};
+use crate::settings::{Overrides, Settings};
+use crate::telemetry::init_logging;
+
+/// batchd: a server for asynchronous batch jobs.
+#[derive(Debug, Parser)]
+#[command(name = "batchd", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// With no subcommand, batchd serves.
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (the default)
+    Serve(ServeArgs),
+    /// Apply pending database migrations and exit
+    Migrate(MigrateArgs),
+    /// Inspect the configuration
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the settings and print them as TOML, secrets hidden
+    Check(ConfigArgs),
+}
+
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// A TOML file over the built-in defaults
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Listen on this address (server.bind)
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<String>,
+    /// The database to use (database.url)
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The database to migrate (database.url)
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+}
+
+/// Parses the command line and runs it; the binary's `main`.
+pub fn run_cli() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl Cli {
+    /// Runs the parsed command.
+    pub fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            None => serve(self.serve),
+            Some(Command::Serve(args)) => serve(args),
+            Some(Command::Migrate(args)) => migrate(args),
+            Some(Command::Config(ConfigCommand::Check(args))) => config_check(&args),
+        }
+    }
+}
+
+/// The process environment, without the variables that are not UTF-8.
+fn process_env() -> HashMap<String, String> {
+    std::env::vars_os()
+        .filter_map(|(key, value)| Some((key.into_string().ok()?, value.into_string().ok()?)))
+        .collect()
+}
+
+fn load(config: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Settings> {
+    Ok(Settings::load(config, &process_env(), overrides)?)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        bind: args.bind,
+        database_url: args.database_url,
+    };
+    let settings = load(args.config.config.as_deref(), &overrides)?;
+    init_logging(&settings.log)?;
+    // Checked before binding: a refused server never listens.
+    check_open_mode(&settings.auth, settings.server.bind)?;
+    runtime()?.block_on(async move {
+        let signal = shutdown_signal()?;
+        let bind = settings.server.bind;
+        let database = settings.database.url.redacted();
+        let open = settings.auth.is_open();
+        let listener = TcpListener::bind(bind).with_context(|| format!("cannot listen on {bind}"))?;
+        let handle = start(settings, listener).await?;
+        tracing::info!(
+            bind = %handle.local_addr(),
+            backend = handle.store().backend(),
+            database = %database,
+            "batchd is serving",
+        );
+        if open {
+            tracing::warn!("no auth.keys or auth.jwt configured: serving open as tenant `local`");
+        }
+        handle.run_until(signal).await
+    })
+}
+
+fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        bind: None,
+        database_url: args.database_url,
+    };
+    let settings = load(args.config.config.as_deref(), &overrides)?;
+    init_logging(&settings.log)?;
+    runtime()?.block_on(async move {
+        let store = run::open_store(&settings.database).await?;
+        let applied = run::migrate(store.as_ref()).await?;
+        println!(
+            "applied {applied} migration{} to {} ({})",
+            if applied == 1 { "" } else { "s" },
+            settings.database.url,
+            store.backend(),
+        );
+        Ok(())
+    })
+}
+
+fn config_check(args: &ConfigArgs) -> anyhow::Result<()> {
+    let settings = load(args.config.as_deref(), &Overrides::default())?;
+    check_open_mode(&settings.auth, settings.server.bind)?;
+    print!("{}", settings.to_redacted_toml().context("cannot print the settings")?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn no_subcommand_means_serve_with_its_flags() {
+        let cli = Cli::try_parse_from(["batchd", "--bind", "127.0.0.1:9"]).expect("parses");
+        assert!(cli.command.is_none());
+        assert_eq!(cli.serve.bind.as_deref(), Some("127.0.0.1:9"));
+        let cli = Cli::try_parse_from(["batchd", "config", "check", "--config", "x.toml"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Some(Command::Config(ConfigCommand::Check(ConfigArgs { config: Some(_) })))
+        ));
+        assert!(Cli::try_parse_from(["batchd", "migrate", "--bind", "127.0.0.1:9"]).is_err());
+    }
+}

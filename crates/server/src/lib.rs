@@ -1,0 +1,20 @@
+#![doc = include_str!("../README.md")]
+
+mod cli;
+mod run;
+mod secret;
+mod settings;
+mod telemetry;
+
+pub use cli::{Cli, run_cli};
+pub use run::{
+    ServerHandle, check_open_mode, executor_config, migrate, open_store, queue_config_defaults, serve, shutdown_signal,
+    start, start_with,
+};
+pub use secret::{DatabaseUrl, Secret};
+pub use settings::{
+    AuthKey, AuthSettings, DEFAULT_TOML, DatabaseSettings, ExecutorSettings, JwtSettings, LogFormat, LogSettings,
+    Overrides, QueueDefaults, QueueSettings, RetentionSettings, ServerSettings, Settings, SettingsError,
+    WebhookSettings,
+};
+pub use telemetry::init_logging;

@@ -1,0 +1,376 @@
+//! Building and running a server from its settings: open the store, serve the API on a
+//! listener, and stop everything on request. The binary, the test kit and `batchd bench` all
+//! go through [`start`] (or [`serve`] with a store of their own), and every task started
+//! here is joined by [`ServerHandle::shutdown`]; nothing is spawned and forgotten.
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{HttpServer, web};
+use anyhow::{Context, bail};
+use batchd_api::ApiState;
+use batchd_domain::JsonMap;
+use batchd_executor::{Executor, ExecutorConfig, ExecutorHandle, HandlerRegistry, QueueConfig};
+use batchd_storage::{Store, StoreOptions};
+use serde_json::json;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::settings::{AuthSettings, DatabaseSettings, QueueSettings, Settings};
+
+/// Beyond the grace period, how long a stop may take before its task is aborted.
+const STOP_MARGIN: Duration = Duration::from_secs(1);
+
+/// Refuses to serve open (no keys, no JWT) on anything but a loopback address.
+pub fn check_open_mode(auth: &AuthSettings, addr: SocketAddr) -> anyhow::Result<()> {
+    if auth.is_open() && !addr.ip().is_loopback() {
+        bail!(
+            "refusing to listen on {addr} without authentication: no auth.keys and no auth.jwt \
+             are configured, and batchd runs open (as tenant `local`) only on a loopback address \
+             such as 127.0.0.1; configure [[auth.keys]] or [auth.jwt], or bind to 127.0.0.1"
+        );
+    }
+    Ok(())
+}
+
+/// Opens the configured database without migrating it.
+pub async fn open_store(database: &DatabaseSettings) -> anyhow::Result<Arc<dyn Store>> {
+    let mut options = StoreOptions::new(database.url.expose());
+    options.migrate = false;
+    options.max_connections = database.max_connections;
+    batchd_storage::connect(options)
+        .await
+        .with_context(|| format!("cannot open the database {}", database.url))
+}
+
+/// Applies pending migrations; returns how many ran.
+pub async fn migrate(store: &dyn Store) -> anyhow::Result<usize> {
+    store.migrate().await.context("cannot apply the database migrations")
+}
+
+/// Opens the store (migrating it if `database.migrate_on_start`) and serves on `listener`,
+/// running the queues with the built-in handlers.
+pub async fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<ServerHandle> {
+    start_with(settings, listener, HandlerRegistry::with_builtins()).await
+}
+
+/// [`start`] with handlers of the caller's choosing (an embedder's, a test's).
+pub async fn start_with(
+    settings: Settings,
+    listener: TcpListener,
+    handlers: HandlerRegistry,
+) -> anyhow::Result<ServerHandle> {
+    let addr = listener.local_addr().context("the listener has no local address")?;
+    // Before the database is touched: a refused start changes nothing.
+    check_open_mode(&settings.auth, addr)?;
+    let store = open_store(&settings.database).await?;
+    if settings.database.migrate_on_start {
+        let applied = migrate(store.as_ref()).await?;
+        if applied > 0 {
+            tracing::info!(applied, "applied database migrations");
+        }
+    }
+    serve(settings, store, listener, handlers).await
+}
+
+/// The worker pool's settings for the configured queues. Queues whose handler runs
+/// elsewhere (`pull`: remote workers claim over the API) get no claim loop here.
+pub fn executor_config(settings: &Settings) -> ExecutorConfig {
+    let queues = settings
+        .queues
+        .iter()
+        .filter(|(_, queue)| queue.handler != "pull")
+        .map(|(name, queue)| QueueConfig {
+            name: name.clone(),
+            handler: queue.handler.clone(),
+            concurrency: queue.concurrency as usize,
+            rate_per_second: queue.rate_per_second,
+            burst: queue.burst,
+            lease: Duration::from_millis(queue.lease_ms),
+            defaults: queue_config_defaults(queue),
+        })
+        .collect();
+    ExecutorConfig {
+        node_id: format!(
+            "batchd-{}-{}",
+            std::process::id(),
+            &batchd_domain::new_lease_token()[..8]
+        ),
+        queues,
+        max_running: settings.executor.max_running as usize,
+        poll_interval: Duration::from_millis(settings.executor.poll_interval_ms),
+        shutdown_grace: Duration::from_millis(settings.server.shutdown_grace_ms),
+        ..ExecutorConfig::default()
+    }
+}
+
+/// The queue level of config precedence: the queue's own settings (already filled in from
+/// `[queue_defaults]`) under its `defaults` table.
+pub fn queue_config_defaults(queue: &QueueSettings) -> JsonMap {
+    let mut map = JsonMap::new();
+    map.insert("timeout_ms".into(), json!(queue.timeout_ms));
+    map.insert("max_attempts".into(), json!(queue.max_attempts));
+    map.insert("backoff_base_ms".into(), json!(queue.backoff_base_ms));
+    map.insert("backoff_max_ms".into(), json!(queue.backoff_max_ms));
+    for (key, value) in &queue.defaults {
+        map.insert(key.clone(), value.clone());
+    }
+    map
+}
+
+/// Serves the API over `store` on `listener` and runs the queues' worker pool. Must be
+/// called inside a tokio runtime.
+pub async fn serve(
+    settings: Settings,
+    store: Arc<dyn Store>,
+    listener: TcpListener,
+    handlers: HandlerRegistry,
+) -> anyhow::Result<ServerHandle> {
+    let local_addr = listener.local_addr().context("the listener has no local address")?;
+    check_open_mode(&settings.auth, local_addr)?;
+    let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
+    let max_body_bytes = settings.server.max_body_bytes;
+    let state = web::Data::new(ApiState::new(store.clone()));
+    let server = HttpServer::new(move || {
+        batchd_api::app(state.clone())
+            .app_data(web::PayloadConfig::new(max_body_bytes))
+            .app_data(batchd_api::json_config(max_body_bytes))
+    })
+    // The owner of the handle decides when to stop (the binary on SIGINT/SIGTERM).
+    .disable_signals()
+    // actix counts whole seconds; rounded up so a request is never cut before the grace ends.
+    .shutdown_timeout(grace.as_secs() + u64::from(grace.subsec_nanos() > 0))
+    .listen(listener)
+    .with_context(|| format!("cannot serve on {local_addr}"))?
+    .run();
+    let http = server.handle();
+    let http_task = tokio::spawn(server);
+    let executor = match Executor::start(store.clone(), handlers, executor_config(&settings)) {
+        Ok(executor) => executor,
+        Err(error) => {
+            http.stop(false).await;
+            return Err(error).context("cannot start the worker pool");
+        }
+    };
+    let stop_maintenance = CancellationToken::new();
+    let maintenance = tokio::spawn(purge_finished_batches(
+        store.clone(),
+        settings.retention.finished_batch_days,
+        stop_maintenance.clone(),
+    ));
+    Ok(ServerHandle {
+        local_addr,
+        store,
+        http,
+        http_task,
+        executor,
+        maintenance,
+        stop_maintenance,
+        grace,
+    })
+}
+
+/// Deletes finished batches older than the retention period, once an hour (and at start).
+async fn purge_finished_batches(store: Arc<dyn Store>, days: u32, stop: CancellationToken) {
+    if days == 0 {
+        return;
+    }
+    loop {
+        let before = time::OffsetDateTime::now_utc() - Duration::from_secs(u64::from(days) * 86_400);
+        match store.purge_finished(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(batches = n, days, "purged finished batches past retention"),
+            Err(error) => tracing::warn!(%error, "purging finished batches failed"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(3_600)) => {}
+        }
+    }
+}
+
+/// A running server. Drop it only after [`shutdown`](Self::shutdown) or
+/// [`wait`](Self::wait): those join every task it started.
+#[derive(Debug)]
+#[must_use = "a server runs until it is shut down; call shutdown() or wait()"]
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    store: Arc<dyn Store>,
+    http: actix_web::dev::ServerHandle,
+    http_task: JoinHandle<std::io::Result<()>>,
+    executor: ExecutorHandle,
+    maintenance: JoinHandle<()>,
+    stop_maintenance: CancellationToken,
+    grace: Duration,
+}
+
+impl ServerHandle {
+    /// The address the server listens on (the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The store the server runs on.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Stops accepting connections and claiming items; in-flight requests and running
+    /// items get `server.shutdown_grace_ms` to finish, items still running then are handed
+    /// back without spending an attempt; joins every task.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        tracing::info!(grace_ms = self.grace.as_millis(), "shutting down");
+        let http_stop = async {
+            let stopped = tokio::time::timeout(self.grace + STOP_MARGIN, self.http.stop(true)).await;
+            if stopped.is_err() {
+                tracing::warn!("the HTTP server did not stop within the grace period; aborting it");
+                self.http_task.abort();
+            }
+            join(self.http_task).await
+        };
+        let (http, ()) = tokio::join!(http_stop, self.executor.shutdown());
+        self.stop_maintenance.cancel();
+        let _ = self.maintenance.await;
+        http?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    /// Waits until the server stops by itself (an I/O failure), then stops the rest.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let http = join(self.http_task).await;
+        self.executor.shutdown().await;
+        self.stop_maintenance.cancel();
+        let _ = self.maintenance.await;
+        http
+    }
+
+    /// Serves until `signal` completes, then shuts down; returns early if the server stops
+    /// by itself.
+    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::select! {
+            ended = &mut self.http_task => {
+                self.executor.shutdown().await;
+                self.stop_maintenance.cancel();
+                let _ = self.maintenance.await;
+                return joined(ended);
+            }
+            () = signal => {}
+        }
+        self.shutdown().await
+    }
+}
+
+async fn join(task: JoinHandle<std::io::Result<()>>) -> anyhow::Result<()> {
+    joined(task.await)
+}
+
+fn joined(ended: Result<std::io::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    match ended {
+        Ok(result) => result.context("the HTTP server failed"),
+        // Aborted by `shutdown` after the grace period: already logged.
+        Err(error) if error.is_cancelled() => Ok(()),
+        Err(error) => Err(anyhow::anyhow!("the HTTP server task panicked: {error}")),
+    }
+}
+
+/// Completes on the first SIGINT or SIGTERM (Ctrl-C elsewhere). The handlers are installed
+/// when this is called, so a signal that arrives before the future is polled is not lost.
+pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        Ok(async move {
+            let name = tokio::select! {
+                _ = interrupt.recv() => "SIGINT",
+                _ = terminate.recv() => "SIGTERM",
+            };
+            tracing::info!(signal = name, "received a shutdown signal");
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            if let Err(error) = tokio::signal::ctrl_c().await {
+                tracing::error!(%error, "cannot wait for Ctrl-C; shutting down");
+            }
+            tracing::info!(signal = "ctrl-c", "received a shutdown signal");
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+    use crate::settings::{AuthKey, Overrides};
+    use std::collections::HashMap;
+
+    #[test]
+    fn open_mode_is_loopback_only() {
+        let open = AuthSettings::default();
+        for addr in ["127.0.0.1:8080", "[::1]:8080", "127.0.0.2:1"] {
+            check_open_mode(&open, addr.parse().expect("an address")).expect("loopback may run open");
+        }
+        for addr in ["0.0.0.0:8080", "[::]:8080", "10.1.2.3:80"] {
+            let error = check_open_mode(&open, addr.parse().expect("an address"))
+                .expect_err("not loopback")
+                .to_string();
+            assert!(error.contains("without authentication"), "{error}");
+        }
+        let keyed = AuthSettings {
+            keys: vec![AuthKey {
+                name: "web".to_owned(),
+                tenant: "acme".to_owned(),
+                role: batchd_api::Role::Client,
+                key_sha256: None,
+                key: Some(Secret::new("k")),
+                queues: None,
+            }],
+            jwt: None,
+        };
+        check_open_mode(&keyed, "0.0.0.0:8080".parse().expect("an address")).expect("keys allow any address");
+    }
+
+    #[tokio::test]
+    async fn a_started_server_answers_and_shuts_down() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let url = format!("sqlite://{}", dir.path().join("batchd.db").display());
+        let overrides = Overrides {
+            bind: None,
+            database_url: Some(url),
+        };
+        let settings = Settings::load(None, &HashMap::new(), &overrides).expect("valid settings");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let handle = start(settings, listener).await.expect("the server starts");
+        assert_eq!(handle.store().backend(), "sqlite");
+        let readiness = handle.store().readiness().await;
+        assert!(readiness.reachable && readiness.migrated, "{readiness:?}");
+
+        let addr = handle.local_addr();
+        let reply = tokio::task::spawn_blocking(move || http_get(addr, "/readyz"))
+            .await
+            .expect("the request thread ends");
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.to_ascii_lowercase().contains("x-request-id:"), "{reply}");
+        handle.shutdown().await.expect("a clean shutdown");
+    }
+
+    /// A bare HTTP/1.1 GET, so this crate's tests need no HTTP client.
+    fn http_get(addr: SocketAddr, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr).expect("the server accepts");
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .expect("the request is sent");
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).expect("the reply is read");
+        reply
+    }
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests: the real `batchd` binary, started as a child process. One test binary
+//! for the whole crate; each module is one area.
+
+mod cli;
+mod serve;
+mod support;
