@@ -174,6 +174,14 @@ impl ApiError {
         ApiError::Internal(source.into())
     }
 
+    /// A request that breaks rules; every issue with its path.
+    pub fn validation(message: impl Into<String>, issues: Vec<Issue>) -> Self {
+        ApiError::Validation {
+            message: message.into(),
+            issues,
+        }
+    }
+
     /// A dependency is down; `message` says which and is shown to the client.
     pub fn unavailable(message: impl Into<String>) -> Self {
         ApiError::Unavailable {
@@ -265,6 +273,10 @@ impl From<StoreError> for ApiError {
                 current_status: Some(refused.current),
             },
             StoreError::IdempotencyConflict => ApiError::IdempotencyConflict,
+            StoreError::InvalidCursor => ApiError::validation(
+                "invalid cursor",
+                vec![Issue::new("cursor", "not a cursor this list handed out")],
+            ),
             StoreError::Connection(_) => ApiError::Unavailable {
                 message: "the database is not reachable; retry later".to_owned(),
                 source: Some(Box::new(error)),

@@ -1,40 +1,91 @@
 #![doc = include_str!("../README.md")]
 
 mod auth;
+mod batches;
 mod error;
 mod health;
+mod items;
+mod params;
+mod queues;
 mod request_id;
+mod stream;
+mod views;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpRequest, HttpResponse, web};
+use batchd_domain::{JsonMap, Limits};
 use batchd_storage::Store;
 
-pub use auth::Role;
+pub use auth::{AuthConfig, Caller, OPEN_TENANT, Role, sha256_hex};
 pub use error::{ApiError, ErrorCode};
 pub use request_id::{RequestId, X_REQUEST_ID, request_id};
 
-/// What every handler shares, passed as `web::Data<ApiState>`. Build it with
-/// [`ApiState::new`]; fields are added as the API grows.
+/// What every handler shares, passed as `web::Data<ApiState>`.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ApiState {
     pub store: Arc<dyn Store>,
+    pub config: ApiConfig,
 }
 
 impl ApiState {
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+    /// A state over `store`; [`ApiConfig::default`] runs open with the `default` demo queue.
+    pub fn new(store: Arc<dyn Store>, config: ApiConfig) -> Self {
+        Self { store, config }
     }
+}
+
+/// What the API needs to know of the server's settings.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub auth: AuthConfig,
+    /// The queues items may be submitted to.
+    pub queues: BTreeMap<String, QueueInfo>,
+    pub limits: Limits,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        let mut queues = BTreeMap::new();
+        queues.insert(
+            "default".to_owned(),
+            QueueInfo {
+                handler: "demo".to_owned(),
+                max_items: 10_000,
+                defaults: JsonMap::new(),
+            },
+        );
+        Self {
+            auth: AuthConfig::open(),
+            queues,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A configured queue, as the API sees it.
+#[derive(Debug, Clone)]
+pub struct QueueInfo {
+    pub handler: String,
+    /// Items one batch may hold.
+    pub max_items: usize,
+    /// The queue level of config precedence (its settings and its `defaults` table): where
+    /// an item's `max_attempts` comes from when neither it nor its batch sets one.
+    pub defaults: JsonMap,
 }
 
 /// Registers batchd's routes. Mount it at the root of an app or in a scope; the app must
 /// carry `web::Data<ApiState>` and should wrap [`request_id`].
 pub fn configure(cfg: &mut web::ServiceConfig) {
     health::configure(cfg);
+    batches::configure(cfg);
+    items::configure(cfg);
+    queues::configure(cfg);
 }
 
 /// batchd's whole HTTP app: the state, the routes, the [`request_id`] middleware and a

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use actix_web::{HttpServer, web};
 use anyhow::{Context, bail};
-use batchd_api::ApiState;
-use batchd_domain::JsonMap;
+use batchd_api::{ApiConfig, ApiState, AuthConfig, QueueInfo};
+use batchd_domain::{JsonMap, Limits};
 use batchd_executor::{Executor, ExecutorConfig, ExecutorHandle, HandlerRegistry, QueueConfig};
 use batchd_storage::{Store, StoreOptions};
 use serde_json::json;
@@ -106,6 +106,41 @@ pub fn executor_config(settings: &Settings) -> ExecutorConfig {
     }
 }
 
+/// What the API needs of the settings: who may call, and the queues items may go to.
+pub fn api_config(settings: &Settings) -> anyhow::Result<ApiConfig> {
+    let mut auth = AuthConfig::default();
+    for key in &settings.auth.keys {
+        let sha256 = match (&key.key_sha256, &key.key) {
+            (Some(hash), _) => hash.expose().to_owned(),
+            (None, Some(plain)) => batchd_api::sha256_hex(plain.expose()),
+            (None, None) => bail!("auth.keys `{}`: set key or key_sha256", key.name),
+        };
+        auth = auth
+            .with_key(&key.name, &key.tenant, key.role, &sha256, key.queues.clone())
+            .map_err(|e| anyhow::anyhow!("auth.keys `{}`: {e}", key.name))?;
+    }
+    if let Some(jwt) = &settings.auth.jwt {
+        auth = auth.with_jwt(jwt.hs256_secret.expose().as_bytes().to_vec(), jwt.audience.clone());
+    }
+    let queues = settings
+        .queues
+        .iter()
+        .map(|(name, queue)| {
+            let info = QueueInfo {
+                handler: queue.handler.clone(),
+                max_items: queue.max_items as usize,
+                defaults: queue_config_defaults(queue),
+            };
+            (name.clone(), info)
+        })
+        .collect();
+    Ok(ApiConfig {
+        auth,
+        queues,
+        limits: Limits::default(),
+    })
+}
+
 /// The queue level of config precedence: the queue's own settings (already filled in from
 /// `[queue_defaults]`) under its `defaults` table.
 pub fn queue_config_defaults(queue: &QueueSettings) -> JsonMap {
@@ -132,7 +167,7 @@ pub async fn serve(
     check_open_mode(&settings.auth, local_addr)?;
     let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
     let max_body_bytes = settings.server.max_body_bytes;
-    let state = web::Data::new(ApiState::new(store.clone()));
+    let state = web::Data::new(ApiState::new(store.clone(), api_config(&settings)?));
     let server = HttpServer::new(move || {
         batchd_api::app(state.clone())
             .app_data(web::PayloadConfig::new(max_body_bytes))

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `batchd` binary, started as a child process. One test binary
 //! for the whole crate; each module is one area.
 
+mod batches;
 mod cli;
 mod serve;
 mod support;

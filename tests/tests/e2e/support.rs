@@ -249,6 +249,44 @@ impl Server {
         Some(Reply { status, headers, body })
     }
 
+    /// POST a JSON body to a path.
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> Reply {
+        let sent = self
+            .http
+            .post(format!("http://{}{path}", self.addr))
+            .json(body)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(error) => panic!("POST {path} failed: {error}\n{}", self.process.describe()),
+        };
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.expect("a body");
+        let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        Reply { status, headers, body }
+    }
+
+    /// Polls `GET path` until `done` holds for its body; panics with the server's output at
+    /// the deadline.
+    pub async fn wait_until(&mut self, path: &str, done: impl Fn(&serde_json::Value) -> bool) -> Reply {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let reply = self.get(path).await;
+            if done(&reply.body) {
+                return reply;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path} never got there; last {:?}\n{}",
+                reply.body,
+                self.process.describe()
+            );
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
     pub async fn get(&self, path: &str) -> Reply {
         match self.try_get(path).await {
             Some(reply) => reply,

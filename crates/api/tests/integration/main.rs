@@ -3,6 +3,7 @@
 
 mod errors;
 mod health;
+mod v1;
 
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{Service, ServiceResponse};
 use actix_web::test::{TestRequest, call_service, init_service, read_body};
 use actix_web::web;
-use batchd_api::{ApiState, app};
+use batchd_api::{ApiConfig, ApiState, app};
 use batchd_storage::testing::TestDatabase;
 use batchd_storage::{Store, StoreOptions, connect};
 
@@ -42,7 +43,11 @@ impl TestStore {
 async fn service(
     store: &TestStore,
 ) -> impl Service<actix_http::Request, Response = ServiceResponse<impl MessageBody>, Error = actix_web::Error> {
-    init_service(app(web::Data::new(ApiState::new(store.store.clone())))).await
+    init_service(app(web::Data::new(ApiState::new(
+        store.store.clone(),
+        ApiConfig::default(),
+    ))))
+    .await
 }
 
 /// Status, headers and JSON body of one call.
