@@ -2,14 +2,14 @@
 
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
-use batchd_domain::wire::{BatchList, EventList, ItemList, SubmitResponse};
+use batchd_domain::wire::{BatchList, BatchView, ErrorBody, EventList, ItemList, SubmitBatch, SubmitResponse};
 use batchd_domain::{BatchStatus, Issue, ItemSettings, ItemStatus, merge_config, validate_submission};
 use batchd_storage::{BatchFilter, CreateOutcome, NewBatch, NewItem, NewWebhook, PageRequest, Scope};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::auth::Caller;
-use crate::params::Query;
+use crate::params::{PageParams, Query};
 use crate::views::{batch_view, event_view, item_view};
 use crate::{ApiError, ApiState};
 
@@ -34,6 +34,36 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
 
 /// `POST /v1/batches`: validates, stores the batch with its items, and answers `202` with
 /// its id at once (`200` with the same body for an idempotent replay).
+#[utoipa::path(
+    post,
+    path = "/v1/batches",
+    tag = "batches",
+    operation_id = "submit_batch",
+    summary = "Submit a batch",
+    description = "Validates the batch, stores it with its items and answers at once with its id; the items run \
+                   in the background. A replay with the same client `id` or `Idempotency-Key` and the same body \
+                   answers `200` with the existing batch; with another body, `409 idempotency_conflict`.",
+    params(
+        ("Idempotency-Key" = Option<String>, Header, nullable = false,
+            description = "Makes the submit safe to repeat: 1-255 visible ASCII characters"),
+    ),
+    request_body(content = SubmitBatch, content_type = "application/json"),
+    responses(
+        (status = 202, description = "The batch is stored; its items run in the background", body = SubmitResponse,
+            headers(("Location" = String, description = "The batch's URL"))),
+        (status = 200, description = "An idempotent replay: the existing batch", body = SubmitResponse,
+            headers(("Location" = String, description = "The batch's URL"))),
+        (status = 400, description = "`malformed_json`: the body is not JSON; `validation_error`: every issue with its \
+                                      path from the body root, e.g. `items[3].input`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
+        (status = 409, description = "`idempotency_conflict`: the id or key is already used by a different request",
+            body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over `server.max_body_bytes`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is not `application/json`", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn submit(
     state: web::Data<ApiState>,
     caller: Caller,
@@ -123,7 +153,56 @@ async fn submit(
     Ok(response.insert_header((header::LOCATION, status_url)).json(reply))
 }
 
+/// The query of `GET /v1/batches`, for the OpenAPI document; [`list`] reads it by hand.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[expect(
+    dead_code,
+    reason = "declared for the OpenAPI document only; `list` reads its query with `Query`"
+)]
+struct BatchListParams {
+    /// Only batches in this status (described in [`batch_status_filter`]).
+    #[param(schema_with = batch_status_filter)]
+    status: Option<String>,
+    /// Only batches of this queue.
+    queue: Option<String>,
+    /// Only batches of this session.
+    session_id: Option<String>,
+    /// Only batches created after this time (RFC 3339).
+    created_after: Option<time::OffsetDateTime>,
+}
+
+/// A batch status or `active`. The description lives in the schema: utoipa drops a
+/// `schema_with` parameter's doc comment.
+fn batch_status_filter() -> utoipa::openapi::Object {
+    let spellings = BatchStatus::ALL.iter().map(|s| s.as_str()).chain(["active"]);
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(spellings))
+        .description(Some(
+            "Only batches in this status; `active` stands for pending, running, paused and cancelling.",
+        ))
+        .build()
+}
+
 /// `GET /v1/batches`: the caller's batches, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/batches",
+    tag = "batches",
+    operation_id = "list_batches",
+    summary = "List batches",
+    description = "The caller's batches, newest first, a page at a time.",
+    params(BatchListParams, PageParams),
+    responses(
+        (status = 200, description = "A page of batches", body = BatchList),
+        (status = 400, description = "`validation_error`: a query parameter is not valid; each issue names it",
+            body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn list(state: web::Data<ApiState>, caller: Caller, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     caller.require_client()?;
     let mut query = Query::parse(req.query_string())?;
@@ -169,37 +248,174 @@ async fn batch_with_current(
 }
 
 /// `GET /v1/batches/{id}`.
+#[utoipa::path(
+    get,
+    path = "/v1/batches/{id}",
+    tag = "batches",
+    operation_id = "get_batch",
+    summary = "Read a batch",
+    description = "The batch with its counts, progress and the item that runs now.",
+    params(
+        ("id" = String, Path, description = "The batch id"),
+    ),
+    responses(
+        (status = 200, description = "The batch", body = BatchView),
+        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such batch in the caller's tenant", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn get(state: web::Data<ApiState>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     caller.require_client()?;
     let batch = state.store.get_batch(caller.scope(), &id).await?;
     batch_with_current(&state, caller.scope(), batch).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/batches/{id}/cancel",
+    tag = "batches",
+    operation_id = "cancel_batch",
+    summary = "Cancel a batch",
+    description = "Cancels the batch's pending items and lets running ones stop; the batch is `cancelling` until \
+                   they have. Cancelling a batch that is already `cancelling` answers 200.",
+    params(
+        ("id" = String, Path, description = "The batch id"),
+    ),
+    responses(
+        (status = 200, description = "The batch", body = BatchView),
+        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such batch in the caller's tenant", body = ErrorBody),
+        (status = 409, description = "`invalid_state`: the batch's status forbids it; `current_status` says what it is",
+            body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn cancel(state: web::Data<ApiState>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     caller.require_client()?;
     let batch = state.store.cancel_batch(caller.scope(), &id).await?;
     batch_with_current(&state, caller.scope(), batch).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/batches/{id}/pause",
+    tag = "batches",
+    operation_id = "pause_batch",
+    summary = "Pause a batch",
+    description = "No new item of the batch starts until it is resumed; running items finish.",
+    params(
+        ("id" = String, Path, description = "The batch id"),
+    ),
+    responses(
+        (status = 200, description = "The batch", body = BatchView),
+        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such batch in the caller's tenant", body = ErrorBody),
+        (status = 409, description = "`invalid_state`: the batch's status forbids it; `current_status` says what it is",
+            body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn pause(state: web::Data<ApiState>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     caller.require_client()?;
     let batch = state.store.pause_batch(caller.scope(), &id).await?;
     batch_with_current(&state, caller.scope(), batch).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/batches/{id}/resume",
+    tag = "batches",
+    operation_id = "resume_batch",
+    summary = "Resume a batch",
+    description = "A paused batch goes back to `running` if it had started, else to `pending`.",
+    params(
+        ("id" = String, Path, description = "The batch id"),
+    ),
+    responses(
+        (status = 200, description = "The batch", body = BatchView),
+        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such batch in the caller's tenant", body = ErrorBody),
+        (status = 409, description = "`invalid_state`: the batch's status forbids it; `current_status` says what it is",
+            body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn resume(state: web::Data<ApiState>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     caller.require_client()?;
     let batch = state.store.resume_batch(caller.scope(), &id).await?;
     batch_with_current(&state, caller.scope(), batch).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/batches/{id}/retry",
+    tag = "batches",
+    operation_id = "retry_batch",
+    summary = "Retry a batch",
+    description = "Sends the batch's failed items back to pending with their attempts reset, with the items that \
+                   `fail_batch` cancelled; items a user cancelled stay cancelled. A batch with no failed item \
+                   answers 409.",
+    params(
+        ("id" = String, Path, description = "The batch id"),
+    ),
+    responses(
+        (status = 200, description = "The batch", body = BatchView),
+        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such batch in the caller's tenant", body = ErrorBody),
+        (status = 409, description = "`invalid_state`: the batch's status forbids it; `current_status` says what it is",
+            body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn retry(state: web::Data<ApiState>, caller: Caller, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     caller.require_client()?;
     let batch = state.store.retry_batch(caller.scope(), &id).await?;
     batch_with_current(&state, caller.scope(), batch).await
 }
 
+/// The query of `GET /v1/batches/{id}/items`, for the OpenAPI document; [`items`] reads it
+/// by hand.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[expect(
+    dead_code,
+    reason = "declared for the OpenAPI document only; `items` reads its query with `Query`"
+)]
+struct ItemFilterParams {
+    /// Only items in this status.
+    status: Option<ItemStatus>,
+}
+
 /// `GET /v1/batches/{id}/items`: by index, with queue positions of pending items.
+#[utoipa::path(
+    get,
+    path = "/v1/batches/{id}/items",
+    tag = "batches",
+    operation_id = "list_batch_items",
+    summary = "List a batch's items",
+    description = "The batch's items by index, a page at a time, with the queue positions of pending items; \
+                   without their input.",
+    params(
+        ("id" = String, Path, description = "The batch id"),
+        ItemFilterParams,
+        PageParams,
+    ),
+    responses(
+        (status = 200, description = "A page of items", body = ItemList),
+        (status = 400, description = "`validation_error`: a query parameter is not valid; each issue names it",
+            body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such batch in the caller's tenant", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn items(
     state: web::Data<ApiState>,
     caller: Caller,
@@ -219,7 +435,45 @@ async fn items(
     }))
 }
 
+/// The query of `GET /v1/batches/{id}/events`, for the OpenAPI document; [`events`] reads it
+/// by hand.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[expect(
+    dead_code,
+    reason = "declared for the OpenAPI document only; `events` reads its query with `Query`"
+)]
+struct EventsParams {
+    /// Only events after this `seq`; the next page is `?after=<last seq>`.
+    #[param(minimum = 0, default = 0)]
+    after: Option<i64>,
+    /// Events per page.
+    #[param(minimum = 1, maximum = 1000, default = 100)]
+    limit: Option<i64>,
+}
+
 /// `GET /v1/batches/{id}/events?after=<seq>&limit=`: the timeline in `seq` order.
+#[utoipa::path(
+    get,
+    path = "/v1/batches/{id}/events",
+    tag = "batches",
+    operation_id = "list_batch_events",
+    summary = "Read a batch's timeline",
+    description = "The batch's events after a sequence number, in `seq` order.",
+    params(
+        ("id" = String, Path, description = "The batch id"),
+        EventsParams,
+    ),
+    responses(
+        (status = 200, description = "Events in `seq` order", body = EventList),
+        (status = 400, description = "`validation_error`: a query parameter is not valid; each issue names it",
+            body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such batch in the caller's tenant", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn events(
     state: web::Data<ApiState>,
     caller: Caller,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use actix_web::http::Method;
 use actix_web::{FromRequest, Handler, HttpRequest, HttpResponse, Resource, Responder, guard, web};
+use batchd_domain::wire::ErrorBody;
 use serde::Serialize;
 
 use crate::{ApiError, ApiState};
@@ -43,25 +44,50 @@ where
         }))
 }
 
-#[derive(Serialize)]
-struct Health {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Health {
+    #[schema(value_type = String, example = "ok")]
     status: &'static str,
 }
 
-#[derive(Serialize)]
-struct Ready {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Ready {
+    #[schema(value_type = String, example = "ready")]
     status: &'static str,
+    #[schema(value_type = String, example = "ok")]
     database: &'static str,
+    #[schema(value_type = String, example = "applied")]
     migrations: &'static str,
 }
 
 /// `GET /healthz`: 200 `{"status":"ok"}` while the process serves requests.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    operation_id = "healthz",
+    summary = "Liveness",
+    description = "Answers while the process serves requests. Also answers HEAD.",
+    responses((status = 200, description = "The process serves requests", body = Health)),
+)]
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(Health { status: "ok" })
 }
 
 /// `GET /readyz`: 200 when the database is reachable and migrated, else `503 unavailable`
 /// naming the part that is not ready.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    operation_id = "readyz",
+    summary = "Readiness",
+    description = "Ready while the database answers and every migration is applied. Also answers HEAD.",
+    responses(
+        (status = 200, description = "Ready to serve", body = Ready),
+        (status = 503, description = "`unavailable`: the message names the part that is not ready", body = ErrorBody),
+    ),
+)]
 async fn readyz(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
     let readiness = tokio::time::timeout(READINESS_TIMEOUT, state.store.readiness())
         .await

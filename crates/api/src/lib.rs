@@ -5,8 +5,11 @@ mod batches;
 mod error;
 mod health;
 mod items;
+mod metrics;
+mod openapi;
 mod params;
 mod queues;
+mod ratelimit;
 mod request_id;
 mod stream;
 mod views;
@@ -23,6 +26,8 @@ use batchd_storage::Store;
 
 pub use auth::{AuthConfig, Caller, OPEN_TENANT, Role, sha256_hex};
 pub use error::{ApiError, ErrorCode};
+pub use metrics::{Metrics, record_http};
+pub use ratelimit::{RateLimit, limit_requests};
 pub use request_id::{RequestId, X_REQUEST_ID, request_id};
 
 /// What every handler shares, passed as `web::Data<ApiState>`.
@@ -31,12 +36,20 @@ pub use request_id::{RequestId, X_REQUEST_ID, request_id};
 pub struct ApiState {
     pub store: Arc<dyn Store>,
     pub config: ApiConfig,
+    /// What `/metrics` shows; the server also hands it to the worker pool.
+    pub metrics: Arc<Metrics>,
+    limiter: Arc<ratelimit::Limiter>,
 }
 
 impl ApiState {
     /// A state over `store`; [`ApiConfig::default`] runs open with the `default` demo queue.
     pub fn new(store: Arc<dyn Store>, config: ApiConfig) -> Self {
-        Self { store, config }
+        Self {
+            store,
+            config,
+            metrics: Arc::new(Metrics::new()),
+            limiter: Arc::default(),
+        }
     }
 }
 
@@ -47,6 +60,8 @@ pub struct ApiConfig {
     /// The queues items may be submitted to.
     pub queues: BTreeMap<String, QueueInfo>,
     pub limits: Limits,
+    /// Requests per caller on `/v1`; `None`: no limit.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl Default for ApiConfig {
@@ -64,6 +79,7 @@ impl Default for ApiConfig {
             auth: AuthConfig::open(),
             queues,
             limits: Limits::default(),
+            rate_limit: None,
         }
     }
 }
@@ -86,6 +102,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     batches::configure(cfg);
     items::configure(cfg);
     queues::configure(cfg);
+    metrics::configure(cfg);
+    openapi::configure(cfg);
 }
 
 /// batchd's whole HTTP app: the state, the routes, the [`request_id`] middleware and a
@@ -103,6 +121,8 @@ pub fn app(
 > {
     App::new()
         .app_data(state)
+        .wrap(from_fn(limit_requests))
+        .wrap(from_fn(record_http))
         .wrap(from_fn(request_id))
         .configure(configure)
         .default_service(web::to(not_found))

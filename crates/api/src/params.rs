@@ -91,6 +91,21 @@ impl Query {
     }
 }
 
+/// `cursor` and `limit`, as the OpenAPI document declares them; [`Query::page`] reads them.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[expect(
+    dead_code,
+    reason = "declared for the OpenAPI document only; handlers read queries with `Query`"
+)]
+pub(crate) struct PageParams {
+    /// The `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Rows per page.
+    #[param(minimum = 1, maximum = 1000, default = 100)]
+    limit: Option<i64>,
+}
+
 fn serde_urlencoded_pairs(query: &str) -> Result<Vec<(String, String)>, ApiError> {
     actix_web::web::Query::<Vec<(String, String)>>::from_query(query)
         .map(actix_web::web::Query::into_inner)

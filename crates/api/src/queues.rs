@@ -2,7 +2,7 @@
 //! and resuming a whole queue (admins).
 
 use actix_web::{HttpResponse, web};
-use batchd_domain::wire::{QueueList, QueueView};
+use batchd_domain::wire::{ErrorBody, QueueList, QueueView};
 use batchd_storage::QueueStats;
 use time::OffsetDateTime;
 
@@ -51,6 +51,21 @@ async fn views(state: &ApiState) -> Result<Vec<QueueView>, ApiError> {
         .collect())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/queues",
+    tag = "queues",
+    operation_id = "list_queues",
+    summary = "List queues",
+    description = "Every configured queue, and any other queue that still holds items, with its depth, running \
+                   items, throughput and the age of its oldest pending item.",
+    responses(
+        (status = 200, description = "The queues, by name", body = QueueList),
+        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn list(state: web::Data<ApiState>, caller: Caller) -> Result<HttpResponse, ApiError> {
     caller.require_client()?;
     Ok(HttpResponse::Ok().json(QueueList {
@@ -69,10 +84,42 @@ async fn set_paused(state: &ApiState, caller: &Caller, queue: &str, paused: bool
         .ok_or_else(|| ApiError::internal("a configured queue has no view"))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/pause",
+    tag = "queues",
+    operation_id = "pause_queue",
+    summary = "Pause a queue (admins)",
+    description = "No new item of the queue starts until it is resumed; running items finish.",
+    params(("queue" = String, Path, description = "The queue name")),
+    responses(
+        (status = 200, description = "The queue", body = QueueView),
+        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not an admin key", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such queue is configured", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn pause(state: web::Data<ApiState>, caller: Caller, queue: web::Path<String>) -> Result<HttpResponse, ApiError> {
     set_paused(&state, &caller, &queue, true).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/queues/{queue}/resume",
+    tag = "queues",
+    operation_id = "resume_queue",
+    summary = "Resume a queue (admins)",
+    description = "Items of the queue start again.",
+    params(("queue" = String, Path, description = "The queue name")),
+    responses(
+        (status = 200, description = "The queue", body = QueueView),
+        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not an admin key", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such queue is configured", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 async fn resume(
     state: web::Data<ApiState>,
     caller: Caller,

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse, web};
+use batchd_domain::EventType;
+use batchd_domain::wire::{ErrorBody, EventView};
 use batchd_storage::{Notice, Scope, Store};
 use tokio::sync::{broadcast, mpsc};
 
@@ -18,6 +20,99 @@ use crate::{ApiError, ApiState};
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 const PAGE: usize = 500;
 
+/// One frame of the stream as the OpenAPI document describes it: an event with `id`, `event`
+/// and `data` fields, as an SSE parser hands it over (before OpenAPI 3.2's `itemSchema`, a
+/// `text/event-stream` schema describes each event). Keep-alive comments are not events.
+pub(crate) struct SseFrame;
+
+impl utoipa::PartialSchema for SseFrame {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Ref, Type};
+        // utoipa has no builder for `contentSchema`; an extension entry serializes the same.
+        let data_schema = utoipa::openapi::extensions::Extensions::from_iter([(
+            "contentSchema",
+            serde_json::json!({"$ref": "#/components/schemas/EventView"}),
+        )]);
+        ObjectBuilder::new()
+            .description(Some(
+                "One Server-Sent Event: `id: <seq>`, `event: <type>`, `data: <EventView JSON>`.",
+            ))
+            .property(
+                "id",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some("^[0-9]+$"))
+                    .description(Some("The event's `seq`; send it back as `Last-Event-ID` to resume.")),
+            )
+            .required("id")
+            .property("event", Ref::from_schema_name("EventType"))
+            .required("event")
+            .property(
+                "data",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .content_media_type("application/json")
+                    .description(Some("The event as JSON, an `EventView`."))
+                    .extensions(Some(data_schema)),
+            )
+            .required("data")
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for SseFrame {
+    fn name() -> std::borrow::Cow<'static, str> {
+        std::borrow::Cow::Borrowed("SseFrame")
+    }
+
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        use utoipa::PartialSchema;
+        schemas.push((EventView::name().into_owned(), EventView::schema()));
+        schemas.push((EventType::name().into_owned(), EventType::schema()));
+    }
+}
+
+/// The query of the event stream, for the OpenAPI document; [`events_stream`] reads it by hand.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[expect(
+    dead_code,
+    reason = "declared for the OpenAPI document only; `events_stream` reads its query with `Query`"
+)]
+struct StreamParams {
+    /// Start after this `seq`; `Last-Event-ID` wins when both are sent.
+    #[param(minimum = 0, default = 0)]
+    after: Option<i64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/batches/{id}/events/stream",
+    tag = "batches",
+    operation_id = "stream_batch_events",
+    summary = "Follow a batch's timeline live",
+    description = "The batch's events as Server-Sent Events: every event after `after` (or `Last-Event-ID`), \
+                   then each new one as it happens. Frames are `id: <seq>`, `event: <type>`, `data: <the event \
+                   JSON>` (an `EventView`); a comment line every 15 s keeps proxies open. The stream ends once the \
+                   batch has ended and every event is sent; a client that reconnects with `Last-Event-ID` gets \
+                   what came after, with no repeat and no gap.",
+    params(
+        ("id" = String, Path, description = "The batch id"),
+        StreamParams,
+        ("Last-Event-ID" = Option<i64>, Header, nullable = false, minimum = 0,
+            description = "The `id` of the last event received (a sequence number); wins over `after`"),
+    ),
+    responses(
+        (status = 200, description = "A stream of events until the batch has ended",
+            content_type = "text/event-stream", body = SseFrame),
+        (status = 400, description = "`validation_error`: `after` or `Last-Event-ID` is not a sequence number",
+            body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such batch in the caller's tenant", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 pub(crate) async fn events_stream(
     state: web::Data<ApiState>,
     caller: Caller,

@@ -8,6 +8,7 @@ use crate::status::ItemStatus;
 /// cancelled + needs_input == total` holds after every operation: items only move between
 /// statuses, they never appear or vanish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Counts {
     pub total: i64,
     pub pending: i64,

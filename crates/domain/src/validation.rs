@@ -13,7 +13,10 @@ use crate::{EventType, JsonMap, Mode, OnItemFailure, is_valid_client_id, is_vali
 
 /// One thing wrong with a request, and where.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Issue {
+    /// Where, from the body root with no `$` (`items[3].input`, `webhook.url`), or the query
+    /// parameter or header; empty for the body as a whole.
     pub path: String,
     pub message: String,
 }

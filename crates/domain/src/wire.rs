@@ -8,36 +8,86 @@ use time::OffsetDateTime;
 
 use crate::{BatchStatus, Counts, EventType, ItemStatus, JsonMap, Mode, OnItemFailure};
 
-/// A submitted batch after validation (`validate_submission`).
+/// A submitted batch after validation (`validate_submission`). Its schema describes the body
+/// of `POST /v1/batches`, where only `items` is required and the rest has defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(
+    feature = "openapi",
+    schema(
+        description = "The body of `POST /v1/batches`: only `items` is required; a field left out or null takes \
+                       its default. Unknown fields are refused.",
+        example = json!({
+            "queue": "default",
+            "items": [
+                {"input": {"steps": ["fetch", "summarize"], "sleep_ms": 200}, "custom_id": "doc-1"},
+                {"input": {"text": "hello"}, "custom_id": "doc-2"}
+            ],
+            "mode": "parallel",
+            "metadata": {"requested_by": "reports"}
+        })
+    )
+)]
 pub struct SubmitBatch {
+    /// A configured queue; 1-64 characters of `[A-Za-z0-9._-]`.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(required = false, default = "default", pattern = "^[A-Za-z0-9._-]{1,64}$")
+    )]
     pub queue: String,
+    /// At least one item, at most the queue's `max_items`.
+    #[cfg_attr(feature = "openapi", schema(min_items = 1))]
     pub items: Vec<SubmitItem>,
+    /// The client's own batch id, 1-128 characters of `[A-Za-z0-9._:-]`; the server chooses
+    /// one when absent. Resubmitting the same id with the same body answers the existing batch.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9._:-]{1,128}$"))]
     pub id: Option<String>,
+    /// A label that groups batches; 1-256 characters.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 256))]
     pub session_id: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(required = false, default = "parallel"))]
     pub mode: Mode,
+    #[cfg_attr(feature = "openapi", schema(required = false, default = "continue"))]
     pub on_item_failure: OnItemFailure,
+    /// Higher runs first.
+    #[cfg_attr(feature = "openapi", schema(required = false, default = 0))]
     pub priority: i32,
+    /// Nothing of the batch starts before this time.
     #[serde(with = "time::serde::rfc3339::option")]
     pub run_at: Option<OffsetDateTime>,
+    /// Batch-level settings (`timeout_ms`, `max_attempts`, ...) and handler options.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object, required = false))]
     pub config: JsonMap,
     pub webhook: Option<WebhookSpec>,
+    /// Any JSON, returned as is.
     pub metadata: Option<Value>,
 }
 
 /// One item of a submitted batch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SubmitItem {
+    /// Any JSON; what the handler works on.
     pub input: Value,
+    /// The client's label for the item, unique within the batch; 1-256 characters.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, max_length = 256))]
     pub custom_id: Option<String>,
+    /// Item-level settings; they override the batch's.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object, required = false))]
     pub config: JsonMap,
 }
 
 /// A batch's webhook as submitted; the secret is stored and never returned.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WebhookSpec {
+    /// An `http://` or `https://` URL.
     pub url: String,
+    /// The signing secret; stored, never returned.
     pub secret: Option<String>,
+    /// The events to deliver; by default item.completed, item.failed, item.needs_input,
+    /// batch.completed, batch.failed and batch.cancelled.
+    #[cfg_attr(feature = "openapi", schema(required = false))]
     pub events: Vec<EventType>,
 }
 
@@ -53,11 +103,13 @@ impl std::fmt::Debug for WebhookSpec {
 
 /// `202` (or `200` on an idempotent replay) reply to `POST /v1/batches`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SubmitResponse {
     pub id: String,
     pub status: BatchStatus,
     pub queue: String,
     pub total_items: i64,
+    /// The items' ids, in index order.
     pub item_ids: Vec<String>,
     pub status_url: String,
     pub events_url: String,
@@ -67,23 +119,30 @@ pub struct SubmitResponse {
 
 /// The item currently running (or most recently started) in a batch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CurrentItem {
     pub item_id: String,
     pub index: i32,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub step: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub message: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub progress: Option<Progress>,
 }
 
 /// Nested progress an item reports (`query i of n`, `tool j of m`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Progress {
     pub current: i64,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub total: Option<i64>,
 }
 
 /// A batch's webhook as shown to clients: never the secret.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WebhookView {
     pub url: String,
     pub events: Vec<EventType>,
@@ -91,76 +150,113 @@ pub struct WebhookView {
 
 /// `GET /v1/batches/{id}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BatchView {
     pub id: String,
     pub queue: String,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub session_id: Option<String>,
     pub status: BatchStatus,
     pub mode: Mode,
     pub on_item_failure: OnItemFailure,
     pub priority: i32,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub run_at: Option<OffsetDateTime>,
     pub counts: Counts,
+    /// Ended items over all items, from 0 to 1.
     pub progress: f64,
+    /// The running item with the lowest index.
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub current: Option<CurrentItem>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub message: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub error: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub result: Option<Value>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub metadata: Option<Value>,
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub config: JsonMap,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub webhook: Option<WebhookView>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// When an item of the batch first started.
     #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub started_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub completed_at: Option<OffsetDateTime>,
 }
 
 /// An item as listed; `GET /v1/items/{id}` adds `input`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ItemView {
     pub id: String,
     pub batch_id: String,
     pub index: i32,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub custom_id: Option<String>,
     pub status: ItemStatus,
+    /// Set only for a pending item that is ready to run: 1 + the number of ready items of its
+    /// queue that will be claimed before it.
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub position: Option<i64>,
     pub attempts: i32,
     pub max_attempts: i32,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub step: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub message: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub progress: Option<Progress>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub result: Option<Value>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub error: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub question: Option<Value>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub answer: Option<Value>,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub next_attempt_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub started_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub completed_at: Option<OffsetDateTime>,
+    /// Only in `GET /v1/items/{id}` and the replies that return one item; lists leave it out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<Value>,
 }
 
 /// One entry of a batch's timeline, and the `data:` of an SSE frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EventView {
     pub seq: i64,
     pub batch_id: String,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub item_id: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub item_index: Option<i32>,
     #[serde(rename = "type")]
     pub event_type: EventType,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub step: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub message: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub data: Option<Value>,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
@@ -168,50 +264,68 @@ pub struct EventView {
 
 /// The one error body of the API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
 /// `{"code", "message", "issues"}`, plus `current_status` on `invalid_state`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     pub code: String,
     pub message: String,
+    /// Every field-specific problem, with its path from the body root; empty when none is.
     pub issues: Vec<crate::Issue>,
+    /// Only on `invalid_state`: the batch's or item's status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(nullable = false))]
     pub current_status: Option<String>,
 }
 
 /// `GET /v1/batches`: newest first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BatchList {
     pub batches: Vec<BatchView>,
+    /// The `cursor` of the next page; null on the last page.
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub next_cursor: Option<String>,
 }
 
 /// `GET /v1/batches/{id}/items` (by index) and `GET /v1/items` (oldest first).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ItemList {
     pub items: Vec<ItemView>,
+    /// The `cursor` of the next page; null on the last page.
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub next_cursor: Option<String>,
 }
 
 /// `GET /v1/batches/{id}/events`: in `seq` order; the next page is `?after=<last seq>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EventList {
     pub events: Vec<EventView>,
 }
 
 /// `POST /v1/items/{id}/input`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AnswerRequest {
+    /// Any JSON; it reaches the handler beside the item's input.
     pub answer: Value,
 }
 
 /// One queue in `GET /v1/queues`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct QueueView {
     pub name: String,
+    /// The configured handler; null for a queue that is no longer configured but still
+    /// holds items.
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub handler: Option<String>,
     pub paused: bool,
     /// Pending items.
@@ -221,11 +335,13 @@ pub struct QueueView {
     /// Items completed in the last minute.
     pub throughput_per_minute: i64,
     /// Seconds since the oldest pending item was submitted.
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub oldest_pending_age_seconds: Option<f64>,
 }
 
 /// `GET /v1/queues`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct QueueList {
     pub queues: Vec<QueueView>,
 }

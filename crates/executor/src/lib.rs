@@ -9,4 +9,4 @@ pub use demo::DemoHandler;
 pub use handler::{
     BatchContext, BatchInfo, Completion, Handler, HandlerError, HandlerRegistry, ItemContext, ReportError, Retry,
 };
-pub use pool::{Executor, ExecutorConfig, ExecutorError, ExecutorHandle, QueueConfig};
+pub use pool::{Executor, ExecutorConfig, ExecutorError, ExecutorHandle, ExecutorObserver, QueueConfig};

@@ -44,8 +44,17 @@ pub struct QueueConfig {
     pub defaults: JsonMap,
 }
 
+/// Told of every attempt that starts and ends here, e.g. to keep metrics.
+pub trait ExecutorObserver: Send + Sync + 'static {
+    /// An item started, `pickup` after it became ready to run.
+    fn item_started(&self, queue: &str, pickup: Duration);
+    /// An attempt ended with the item in `status` (`completed`, `failed`, `pending` for a
+    /// retry, …), after running for `duration`.
+    fn attempt_ended(&self, queue: &str, status: &str, duration: Duration);
+}
+
 /// The pool's settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ExecutorConfig {
     /// This node's name, recorded as the lease owner.
     pub node_id: String,
@@ -58,6 +67,19 @@ pub struct ExecutorConfig {
     pub rescue_interval: Duration,
     /// How long running items may finish after shutdown begins.
     pub shutdown_grace: Duration,
+    pub observer: Option<Arc<dyn ExecutorObserver>>,
+}
+
+impl std::fmt::Debug for ExecutorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecutorConfig")
+            .field("node_id", &self.node_id)
+            .field("queues", &self.queues)
+            .field("max_running", &self.max_running)
+            .field("poll_interval", &self.poll_interval)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for ExecutorConfig {
@@ -69,6 +91,7 @@ impl Default for ExecutorConfig {
             poll_interval: Duration::from_secs(1),
             rescue_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(30),
+            observer: None,
         }
     }
 }
@@ -364,6 +387,11 @@ async fn run_item(
     };
     let sequential = item.mode == Mode::Sequential;
     let (item_id, lease_token, attempt) = (item.id.clone(), item.lease_token.clone(), item.attempt);
+    let started = tokio::time::Instant::now();
+    if let Some(observer) = &inner.config.observer {
+        let pickup = (time::OffsetDateTime::now_utc() - item.ready_at).unsigned_abs();
+        observer.item_started(&queue.name, pickup);
+    }
     let heartbeat = tokio::spawn(heartbeat(
         inner.store.clone(),
         item_id.clone(),
@@ -409,6 +437,14 @@ async fn run_item(
             .unwrap_or_else(|_| Err("the finisher stopped".to_owned())),
         Err(_) => Err("the finisher stopped".to_owned()),
     };
+    if let (Some(observer), Ok(result)) = (&inner.config.observer, &result) {
+        let status = match result {
+            FinishResult::Applied(status) => status.as_str(),
+            FinishResult::ItemCancelled => ItemStatus::Cancelled.as_str(),
+            FinishResult::LeaseLost => "lease_lost",
+        };
+        observer.attempt_ended(&queue.name, status, started.elapsed());
+    }
     match &result {
         Ok(FinishResult::LeaseLost) => tracing::info!(item = %item_id, attempt, "lease lost; the result was dropped"),
         Ok(_) => {}

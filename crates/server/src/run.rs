@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use actix_web::{HttpServer, web};
 use anyhow::{Context, bail};
-use batchd_api::{ApiConfig, ApiState, AuthConfig, QueueInfo};
+use batchd_api::{ApiConfig, ApiState, AuthConfig, QueueInfo, RateLimit};
 use batchd_domain::{JsonMap, Limits};
-use batchd_executor::{Executor, ExecutorConfig, ExecutorHandle, HandlerRegistry, QueueConfig};
+use batchd_executor::{Executor, ExecutorConfig, ExecutorHandle, ExecutorObserver, HandlerRegistry, QueueConfig};
 use batchd_storage::{Store, StoreOptions};
 use serde_json::json;
 use tokio::task::JoinHandle;
@@ -134,10 +134,15 @@ pub fn api_config(settings: &Settings) -> anyhow::Result<ApiConfig> {
             (name.clone(), info)
         })
         .collect();
+    let rate_limit = (settings.server.requests_per_second > 0.0).then_some(RateLimit {
+        requests_per_second: settings.server.requests_per_second,
+        burst: settings.server.request_burst,
+    });
     Ok(ApiConfig {
         auth,
         queues,
         limits: Limits::default(),
+        rate_limit,
     })
 }
 
@@ -168,6 +173,7 @@ pub async fn serve(
     let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
     let max_body_bytes = settings.server.max_body_bytes;
     let state = web::Data::new(ApiState::new(store.clone(), api_config(&settings)?));
+    let metrics = state.metrics.clone();
     let server = HttpServer::new(move || {
         batchd_api::app(state.clone())
             .app_data(web::PayloadConfig::new(max_body_bytes))
@@ -182,7 +188,9 @@ pub async fn serve(
     .run();
     let http = server.handle();
     let http_task = tokio::spawn(server);
-    let executor = match Executor::start(store.clone(), handlers, executor_config(&settings)) {
+    let mut pool = executor_config(&settings);
+    pool.observer = Some(Arc::new(MetricsObserver(metrics)));
+    let executor = match Executor::start(store.clone(), handlers, pool) {
         Ok(executor) => executor,
         Err(error) => {
             http.stop(false).await;
@@ -205,6 +213,19 @@ pub async fn serve(
         stop_maintenance,
         grace,
     })
+}
+
+/// Feeds the worker pool's attempts into `/metrics`.
+struct MetricsObserver(Arc<batchd_api::Metrics>);
+
+impl ExecutorObserver for MetricsObserver {
+    fn item_started(&self, queue: &str, pickup: Duration) {
+        self.0.item_started(queue, pickup);
+    }
+
+    fn attempt_ended(&self, queue: &str, status: &str, duration: Duration) {
+        self.0.attempt_ended(queue, status, duration);
+    }
 }
 
 /// Deletes finished batches older than the retention period, once an hour (and at start).

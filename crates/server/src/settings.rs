@@ -82,6 +82,10 @@ pub struct ServerSettings {
     pub shutdown_grace_ms: u64,
     /// The largest request body.
     pub max_body_bytes: usize,
+    /// `/v1` requests per second per caller; 0: no limit.
+    pub requests_per_second: f64,
+    /// Requests a caller may make at once above that rate.
+    pub request_burst: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -392,6 +396,9 @@ impl Settings {
 fn check_server(server: &ServerSettings, problems: &mut Vec<String>) {
     if server.max_body_bytes == 0 {
         problems.push("server.max_body_bytes: must be at least 1".to_owned());
+    }
+    if !(server.requests_per_second >= 0.0 && server.requests_per_second.is_finite()) {
+        problems.push("server.requests_per_second: must be 0 (no limit) or more".to_owned());
     }
 }
 

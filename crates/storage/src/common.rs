@@ -584,7 +584,7 @@ async fn save_batch(c: &mut Conn, t: &mut Touched, now: OffsetDateTime) -> Resul
             .optional()?;
         if let Some(seq) = next {
             let n = diesel::update(items::table.filter(items::seq.eq(seq)).filter(items::blocked.eq(true)))
-                .set(items::blocked.eq(false))
+                .set((items::blocked.eq(false), items::updated_at.eq(now)))
                 .execute(c)
                 .await?;
             if n > 0 {
@@ -1340,6 +1340,12 @@ impl crate::Store for ThisStore {
                     }
                     let from = item.status()?;
                     let to = item_sm::start(from)?;
+                    let ready_at = [Some(item.updated_at), item.next_attempt_at, t.row.run_at]
+                        .into_iter()
+                        .flatten()
+                        .max()
+                        .unwrap_or(item.created_at)
+                        .min(now);
                     item.set_status(to, now);
                     item.attempts += 1;
                     item.lease_owner = Some(request.owner.clone());
@@ -1354,12 +1360,12 @@ impl crate::Store for ThisStore {
                     let data = json!({"attempt": item.attempts, "lease_owner": request.owner});
                     t.event(EventType::ItemStarted, Some(ItemSnapshot { row: &item }), None, Some(data), now);
                     save_item(c, &item).await?;
-                    claimed.push((item, t.row.config.clone(), t.row.session_id.clone(), t.row.mode()?));
+                    claimed.push((item, t.row.config.clone(), t.row.session_id.clone(), t.row.mode()?, ready_at));
                 }
                 let notices = save_batches(c, &mut touched, now).await?;
                 let claimed = claimed
                     .into_iter()
-                    .map(|(item, batch_config, session_id, mode)| ClaimedItem {
+                    .map(|(item, batch_config, session_id, mode, ready_at)| ClaimedItem {
                         lease_token: item.lease_token.clone().unwrap_or_default(),
                         id: item.id,
                         batch_id: item.batch_id,
@@ -1376,6 +1382,7 @@ impl crate::Store for ThisStore {
                         session_id,
                         mode,
                         lease_expires_at,
+                        ready_at,
                     })
                     .collect();
                 Ok((claimed, notices))

@@ -207,6 +207,9 @@ pub struct ClaimedItem {
     pub mode: Mode,
     pub lease_token: String,
     pub lease_expires_at: OffsetDateTime,
+    /// When the item became ready to run (submitted, due again, answered, unblocked): its
+    /// pick-up latency is the time from here to the claim.
+    pub ready_at: OffsetDateTime,
 }
 
 /// How an attempt ended, as the worker reports it.

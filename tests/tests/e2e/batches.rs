@@ -49,6 +49,16 @@ async fn runs_a_demo_batch(mut server: Server) {
     ] {
         assert!(types.contains(&t), "{t} missing from {types:?}");
     }
+    // The worker pool's attempts and pick-up latency reach /metrics.
+    let metrics = server.get_text("/metrics").await;
+    for expected in [
+        r#"batchd_item_attempts_total{queue="default",status="completed"} 2"#,
+        r#"batchd_item_attempts_total{queue="default",status="failed"} 1"#,
+        r#"batchd_pickup_latency_seconds_count{queue="default"} 3"#,
+        r#"batchd_item_duration_seconds_count{queue="default",status="completed"} 2"#,
+    ] {
+        assert!(metrics.contains(expected), "missing {expected:?} in:\n{metrics}");
+    }
     server.signal(Signal::SIGTERM);
     assert_eq!(server.wait_exit(Duration::from_secs(10)).await.code(), Some(0));
 }

@@ -249,6 +249,17 @@ impl Server {
         Some(Reply { status, headers, body })
     }
 
+    /// GET a path whose body is text.
+    pub async fn get_text(&self, path: &str) -> String {
+        let response = self
+            .http
+            .get(format!("http://{}{path}", self.addr))
+            .send()
+            .await
+            .expect("an answer");
+        response.text().await.expect("a text body")
+    }
+
     /// POST a JSON body to a path.
     pub async fn post(&self, path: &str, body: &serde_json::Value) -> Reply {
         let sent = self

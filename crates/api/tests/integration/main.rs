@@ -3,6 +3,7 @@
 
 mod errors;
 mod health;
+mod openapi;
 mod v1;
 
 use std::sync::Arc;

@@ -48,6 +48,8 @@ both_backends!(
     tenants_never_see_each_other,
     the_event_stream_resumes_without_repeats_or_gaps,
     seed_002_queue_positions_and_item_cancel,
+    metrics_count_requests_and_show_queues,
+    callers_over_their_rate_get_429,
 );
 
 pub(crate) struct Db(TestDatabase);
@@ -723,4 +725,87 @@ async fn seed_002_queue_positions_and_item_cancel(db: Db) {
     .await;
     assert_error(&finished, 409, "invalid_state");
     assert_eq!(finished.body["error"]["current_status"], "completed");
+}
+
+async fn metrics_count_requests_and_show_queues(db: Db) {
+    let store = db.store().await;
+    let app = api(
+        &store,
+        AuthConfig::default()
+            .with_key("a", "t", Role::Client, &sha256_hex("k"), None)
+            .expect("a key"),
+    )
+    .await;
+    let created = send(
+        &app,
+        as_tenant(post("/v1/batches", json!({"items": [{"input": 1}, {"input": 2}]})), "k"),
+    )
+    .await;
+    let id = created.body["id"].as_str().expect("an id").to_owned();
+    send(&app, as_tenant(get(&format!("/v1/batches/{id}")), "k")).await;
+    // No token is needed, like the health checks.
+    let response = call_service(&app, get("/metrics").to_request()).await;
+    assert_eq!(response.status(), 200);
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    let text = String::from_utf8(actix_web::test::read_body(response).await.to_vec()).expect("text");
+    for expected in [
+        r#"batchd_http_requests_total{method="POST",route="/v1/batches",status="202"} 1"#,
+        r#"batchd_http_requests_total{method="GET",route="/v1/batches/{id}",status="200"} 1"#,
+        r#"batchd_queue_depth{queue="default"} 2"#,
+        r#"batchd_items{queue="default",status="pending"} 2"#,
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    assert!(!text.contains(&id), "ids never become labels");
+}
+
+async fn callers_over_their_rate_get_429(db: Db) {
+    let store = db.store().await;
+    let mut limited = config(AuthConfig::open());
+    limited.rate_limit = Some(batchd_api::RateLimit {
+        requests_per_second: 0.5,
+        burst: 2,
+    });
+    let app = init_service(app(web::Data::new(ApiState::new(store.clone(), limited)))).await;
+    for _ in 0..2 {
+        assert_eq!(
+            send(
+                &app,
+                get("/v1/batches").peer_addr("10.0.0.7:5000".parse().expect("an address"))
+            )
+            .await
+            .status,
+            200
+        );
+    }
+    let refused = send(
+        &app,
+        get("/v1/batches").peer_addr("10.0.0.7:5000".parse().expect("an address")),
+    )
+    .await;
+    assert_error(&refused, 429, "rate_limited");
+    assert_eq!(
+        refused.headers.get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("2")
+    );
+    let other = send(
+        &app,
+        get("/v1/batches").peer_addr("10.0.0.8:5000".parse().expect("an address")),
+    )
+    .await;
+    assert_eq!(other.status, 200, "another caller has its own budget");
+    assert_eq!(
+        send(&app, get("/healthz")).await.status,
+        200,
+        "health checks are not limited"
+    );
 }
