@@ -1,0 +1,14 @@
+#![doc = include_str!("../README.md")]
+
+mod client;
+mod error;
+mod request;
+mod sse;
+#[cfg(test)]
+mod tests;
+
+pub use batchd_domain::wire;
+pub use batchd_domain::{BatchStatus, Counts, EventType, Issue, ItemStatus, JsonMap, Mode, OnItemFailure};
+pub use client::{Client, EventStream, Submitted};
+pub use error::ClientError;
+pub use request::{BatchQuery, ItemQuery, NewBatch, NewItem, NewWebhook, RecentItemsQuery};
