@@ -22,6 +22,10 @@ use crate::limiter::TokenBucket;
 
 /// Items claimed per statement at most.
 const MAX_CLAIM: usize = 100;
+/// While a queue has items running, it claims again only once this share of its slots
+/// (at most `MAX_CLAIM`) is free: one claim of many items instead of many claims of one,
+/// each its own transaction, as slots free up one by one.
+const REFILL_DIVISOR: usize = 4;
 /// Results written per group commit at most.
 const MAX_FINISH_GROUP: usize = 500;
 /// How long a handler may go on after its item was cancelled before it is abandoned.
@@ -257,12 +261,15 @@ async fn claim_loop(inner: Arc<Inner>, queue: QueueConfig, handler: Arc<dyn Hand
         owner: inner.config.node_id.clone(),
     };
     let mut error_backoff = Duration::from_millis(100);
+    let refill = (queue.concurrency / REFILL_DIVISOR).clamp(1, MAX_CLAIM);
     loop {
         if inner.stop_claiming.is_cancelled() {
             return;
         }
+        let free = slots.available_permits();
+        let busy = free < queue.concurrency;
         let mut permits = Vec::new();
-        while permits.len() < MAX_CLAIM {
+        while permits.len() < MAX_CLAIM && (!busy || free >= refill) {
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 break;
             };

@@ -1,4 +1,4 @@
-//! The `batchd` command line: `serve` (the default), `migrate` and `config check`.
+//! The `batchd` command line: `serve` (the default), `migrate`, `config check` and `bench`.
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use crate::bench::{self, BenchBackend, BenchOptions};
 use crate::run::{self, check_open_mode, shutdown_signal, start};
 use crate::settings::{Overrides, Settings};
 use crate::telemetry::init_logging;
@@ -32,6 +33,8 @@ enum Command {
     /// Inspect the configuration
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Measure a server over a fresh database with a no-op handler
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,6 +71,44 @@ struct MigrateArgs {
     database_url: Option<String>,
 }
 
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// The database to run on: a fresh SQLite file or a fresh PostgreSQL database
+    #[arg(long, value_enum, default_value = "sqlite")]
+    backend: BenchBackend,
+    /// PostgreSQL: the server to create the fresh database on (default:
+    /// BATCHD_TEST_DATABASE_URL, then DATABASE_URL, then postgres://postgres@127.0.0.1:5432/postgres)
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+    /// Items of the submit and end-to-end runs
+    #[arg(long, default_value_t = 20_000)]
+    items: usize,
+    /// Items per submitted batch
+    #[arg(long, default_value_t = 1_000)]
+    batch_size: usize,
+    /// Concurrency of the no-op queue (and executor.max_running)
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// Submit requests in flight at once
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// One-item batches timed for the pick-up latency
+    #[arg(long, default_value_t = 200)]
+    pickup_samples: usize,
+    /// Also time claims and status calls with 1,000,000 items stored (the slow part)
+    #[arg(long)]
+    large: bool,
+    /// Items stored by --large
+    #[arg(long, default_value_t = 1_000_000, requires = "large")]
+    large_items: usize,
+    /// Status calls of each kind timed by --large
+    #[arg(long, default_value_t = 10_000, requires = "large")]
+    status_calls: usize,
+    /// Print one JSON object instead of the table
+    #[arg(long)]
+    json: bool,
+}
+
 /// Parses the command line and runs it; the binary's `main`.
 pub fn run_cli() -> ExitCode {
     let cli = Cli::parse();
@@ -88,6 +129,7 @@ impl Cli {
             Some(Command::Serve(args)) => serve(args),
             Some(Command::Migrate(args)) => migrate(args),
             Some(Command::Config(ConfigCommand::Check(args))) => config_check(&args),
+            Some(Command::Bench(args)) => bench(args),
         }
     }
 }
@@ -157,6 +199,31 @@ fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         );
         Ok(())
     })
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let mut log = Settings::defaults()?.log;
+    log.level = "warn".to_owned();
+    init_logging(&log)?;
+    let options = BenchOptions {
+        backend: args.backend,
+        database_url: args.database_url,
+        items: args.items,
+        batch_size: args.batch_size,
+        concurrency: args.concurrency,
+        clients: args.clients,
+        pickup_samples: args.pickup_samples,
+        large: args.large,
+        large_items: args.large_items,
+        status_calls: args.status_calls,
+    };
+    let report = runtime()?.block_on(bench::run(options))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report).context("cannot print the report")?);
+    } else {
+        print!("{}", bench::render(&report));
+    }
+    Ok(())
 }
 
 fn config_check(args: &ConfigArgs) -> anyhow::Result<()> {

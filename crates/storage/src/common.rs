@@ -14,7 +14,7 @@
 // transaction (a claim) sees the batch's new status once it gets the batch and cancels its
 // own items.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use batchd_domain::transition::{batch as batch_sm, item as item_sm};
@@ -806,15 +806,12 @@ async fn cancel_waiting_items(
     Ok(())
 }
 
-/// Applies `fail_batch`: once the batch row says failed, cancel what still waits.
-async fn cancel_rest_if_failed(c: &mut Conn, t: &mut Touched, now: OffsetDateTime) -> Result<(), StoreError> {
-    if t.before.status != BatchStatus::Failed.as_str()
+/// Whether the batch failed under `fail_batch` in this transaction, so what still waits
+/// must be cancelled.
+fn fails_batch_now(t: &Touched) -> bool {
+    t.before.status != BatchStatus::Failed.as_str()
         && t.row.status == BatchStatus::Failed.as_str()
         && t.row.on_item_failure == OnItemFailure::FailBatch.as_str()
-    {
-        cancel_waiting_items(c, t, CancelReason::FailBatch, now).await?;
-    }
-    Ok(())
 }
 
 /// Whether items of a batch in this status may be claimed.
@@ -1316,6 +1313,7 @@ impl crate::Store for ThisStore {
                 }
                 let mut touched = lock_batches(c, candidates.iter().map(|i| i.batch_id.clone())).await?;
                 let mut claimed = Vec::with_capacity(candidates.len());
+                let mut changed = Vec::new();
                 for mut item in candidates {
                     let Some(t) = touched.get_mut(&item.batch_id) else { continue };
                     let batch_status = t.status()?;
@@ -1333,7 +1331,7 @@ impl crate::Store for ThisStore {
                             item.cancel_reason = Some(reason.as_str().to_owned());
                             t.move_item(from, to);
                             t.event(EventType::ItemCancelled, Some(ItemSnapshot { row: &item }), None, None, now);
-                            save_item(c, &item).await?;
+                            changed.push(item);
                             t.settle(now)?;
                         }
                         continue;
@@ -1359,13 +1357,17 @@ impl crate::Store for ThisStore {
                     }
                     let data = json!({"attempt": item.attempts, "lease_owner": request.owner});
                     t.event(EventType::ItemStarted, Some(ItemSnapshot { row: &item }), None, Some(data), now);
-                    save_item(c, &item).await?;
-                    claimed.push((item, t.row.config.clone(), t.row.session_id.clone(), t.row.mode()?, ready_at));
+                    claimed.push((t.row.config.clone(), t.row.session_id.clone(), t.row.mode()?, ready_at));
+                    changed.push(item);
                 }
+                // Started items first, in claim order; then the ones the batch cancelled.
+                changed.sort_by_key(|item| item.status != ItemStatus::Running.as_str());
+                let mut rows = save_items(c, changed).await?.into_iter();
                 let notices = save_batches(c, &mut touched, now).await?;
                 let claimed = claimed
                     .into_iter()
-                    .map(|(item, batch_config, session_id, mode, ready_at)| ClaimedItem {
+                    .zip(rows.by_ref())
+                    .map(|((batch_config, session_id, mode, ready_at), item)| ClaimedItem {
                         lease_token: item.lease_token.clone().unwrap_or_default(),
                         id: item.id,
                         batch_id: item.batch_id,
@@ -1512,6 +1514,8 @@ impl crate::Store for ThisStore {
                 )
                 .await?;
                 let mut results = Vec::with_capacity(finishes.len());
+                // Items changed here and not yet written: written together at the end.
+                let mut unsaved: HashSet<String> = HashSet::new();
                 for f in finishes {
                     let Some(item) = rows.get_mut(&f.item_id) else {
                         results.push(FinishResult::LeaseLost);
@@ -1537,11 +1541,19 @@ impl crate::Store for ThisStore {
                         Outcome::Released => Ending::Release,
                     };
                     let to = end_attempt(item, t, ending, max_error_chars, now)?;
-                    save_item(c, item).await?;
-                    cancel_rest_if_failed(c, t, now).await?;
+                    unsaved.insert(item.id.clone());
+                    if fails_batch_now(t) {
+                        // The cancellation reads the batch's waiting items from the table:
+                        // what this group changed so far is written first.
+                        let flushed = unsaved.drain().filter_map(|id| rows.get(&id).cloned()).collect();
+                        save_items(c, flushed).await?;
+                        cancel_waiting_items(c, t, CancelReason::FailBatch, now).await?;
+                    }
                     let cancelled_by_batch = to == ItemStatus::Cancelled;
                     results.push(if cancelled_by_batch { FinishResult::ItemCancelled } else { FinishResult::Applied(to) });
                 }
+                let changed: Vec<ItemRow> = rows.into_values().filter(|row| unsaved.contains(&row.id)).collect();
+                save_items(c, changed).await?;
                 let notices = save_batches(c, &mut touched, now).await?;
                 Ok((results, notices))
             })
@@ -1569,12 +1581,18 @@ impl crate::Store for ThisStore {
                 }
                 let mut touched = lock_batches(c, expired.iter().map(|i| i.batch_id.clone())).await?;
                 let n = expired.len();
+                let mut changed = Vec::with_capacity(n);
                 for mut item in expired {
                     let Some(t) = touched.get_mut(&item.batch_id) else { continue };
                     end_attempt(&mut item, t, Ending::LeaseExpired, max_error_chars, now)?;
-                    save_item(c, &item).await?;
-                    cancel_rest_if_failed(c, t, now).await?;
+                    changed.push(item);
+                    if fails_batch_now(t) {
+                        // The cancellation reads the batch's waiting items from the table.
+                        save_items(c, std::mem::take(&mut changed)).await?;
+                        cancel_waiting_items(c, t, CancelReason::FailBatch, now).await?;
+                    }
                 }
+                save_items(c, changed).await?;
                 let mut notices = save_batches(c, &mut touched, now).await?;
                 notices.extend(touched.values().map(|t| Notice::Work { queue: t.row.queue.clone() }));
                 Ok((n, notices))

@@ -4,6 +4,7 @@ mod error;
 mod model;
 mod notify;
 mod pg;
+pub mod scratch;
 mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;

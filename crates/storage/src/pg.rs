@@ -48,6 +48,65 @@ macro_rules! write_tx {
     }};
 }
 
+/// Writes changed item rows back in one statement: every changing column goes as an array,
+/// and `unnest` turns the arrays back into rows to join on `seq`.
+async fn save_items(c: &mut Conn, rows: Vec<ItemRow>) -> Result<Vec<ItemRow>, StoreError> {
+    use diesel::sql_types::{Array, BigInt, Bool, Integer, Jsonb, Nullable, Text, Timestamptz};
+    const SAVE_ITEMS: &str = "UPDATE items AS i SET status = v.status, blocked = v.blocked, \
+        attempts = v.attempts, next_attempt_at = v.next_attempt_at, lease_owner = v.lease_owner, \
+        lease_token = v.lease_token, lease_expires_at = v.lease_expires_at, step = v.step, \
+        message = v.message, progress_current = v.progress_current, \
+        progress_total = v.progress_total, result = v.result, error = v.error, \
+        question = v.question, answer = v.answer, cancel_reason = v.cancel_reason, \
+        started_at = v.started_at, updated_at = v.updated_at, completed_at = v.completed_at \
+        FROM unnest($1::bigint[], $2::text[], $3::bool[], $4::int[], $5::timestamptz[], \
+        $6::text[], $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::bigint[], \
+        $12::bigint[], $13::jsonb[], $14::text[], $15::jsonb[], $16::jsonb[], $17::text[], \
+        $18::timestamptz[], $19::timestamptz[], $20::timestamptz[]) AS v(seq, status, blocked, \
+        attempts, next_attempt_at, lease_owner, lease_token, lease_expires_at, step, message, \
+        progress_current, progress_total, result, error, question, answer, cancel_reason, \
+        started_at, updated_at, completed_at) \
+        WHERE i.seq = v.seq";
+    if rows.is_empty() {
+        return Ok(rows);
+    }
+    macro_rules! column {
+        ($field:ident) => {
+            rows.iter().map(|r| r.$field.clone()).collect::<Vec<_>>()
+        };
+    }
+    let updated = diesel::sql_query(SAVE_ITEMS)
+        .bind::<Array<BigInt>, _>(column!(seq))
+        .bind::<Array<Text>, _>(column!(status))
+        .bind::<Array<Bool>, _>(column!(blocked))
+        .bind::<Array<Integer>, _>(column!(attempts))
+        .bind::<Array<Nullable<Timestamptz>>, _>(column!(next_attempt_at))
+        .bind::<Array<Nullable<Text>>, _>(column!(lease_owner))
+        .bind::<Array<Nullable<Text>>, _>(column!(lease_token))
+        .bind::<Array<Nullable<Timestamptz>>, _>(column!(lease_expires_at))
+        .bind::<Array<Nullable<Text>>, _>(column!(step))
+        .bind::<Array<Nullable<Text>>, _>(column!(message))
+        .bind::<Array<Nullable<BigInt>>, _>(column!(progress_current))
+        .bind::<Array<Nullable<BigInt>>, _>(column!(progress_total))
+        .bind::<Array<Nullable<Jsonb>>, _>(column!(result))
+        .bind::<Array<Nullable<Text>>, _>(column!(error))
+        .bind::<Array<Nullable<Jsonb>>, _>(column!(question))
+        .bind::<Array<Nullable<Jsonb>>, _>(column!(answer))
+        .bind::<Array<Nullable<Text>>, _>(column!(cancel_reason))
+        .bind::<Array<Nullable<Timestamptz>>, _>(column!(started_at))
+        .bind::<Array<Timestamptz>, _>(column!(updated_at))
+        .bind::<Array<Nullable<Timestamptz>>, _>(column!(completed_at))
+        .execute(c)
+        .await?;
+    if updated != rows.len() {
+        return Err(StoreError::Corrupt(format!(
+            "{updated} of {} item rows were written",
+            rows.len()
+        )));
+    }
+    Ok(rows)
+}
+
 /// A store on PostgreSQL.
 #[derive(Clone)]
 pub struct PgStore {

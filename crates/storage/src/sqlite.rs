@@ -54,6 +54,25 @@ macro_rules! write_tx {
 }
 
 /// A store on one SQLite file.
+/// Writes changed item rows back, all in one trip to the blocking pool.
+async fn save_items(c: &mut Conn, rows: Vec<ItemRow>) -> Result<Vec<ItemRow>, StoreError> {
+    if rows.is_empty() {
+        return Ok(rows);
+    }
+    let rows = c
+        .spawn_blocking(move |conn| {
+            for row in &rows {
+                diesel::RunQueryDsl::execute(
+                    diesel::update(items::table.filter(items::seq.eq(row.seq))).set(row.state()),
+                    conn,
+                )?;
+            }
+            Ok(rows)
+        })
+        .await?;
+    Ok(rows)
+}
+
 #[derive(Clone)]
 pub struct SqliteStore {
     path: PathBuf,

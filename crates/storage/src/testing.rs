@@ -6,13 +6,13 @@
 //! under CI (`CI` set), where a missing or unreachable server fails the test.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use time::OffsetDateTime;
 
 use crate::Clock;
+use crate::scratch::ScratchDatabase;
 
 /// The variable that names the PostgreSQL server tests may create databases on.
 pub const TEST_DATABASE_URL: &str = "BATCHD_TEST_DATABASE_URL";
@@ -56,19 +56,14 @@ impl ManualClock {
 #[derive(Debug)]
 pub struct TestDatabase {
     url: String,
-    cleanup: Cleanup,
+    _cleanup: Cleanup,
 }
 
+/// What goes when the test database is dropped.
 #[derive(Debug)]
 enum Cleanup {
-    /// Removed when dropped.
-    Dir {
-        _dir: tempfile::TempDir,
-    },
-    Postgres {
-        admin_url: String,
-        name: String,
-    },
+    Dir { _dir: tempfile::TempDir },
+    Postgres { _database: ScratchDatabase },
 }
 
 impl TestDatabase {
@@ -81,7 +76,7 @@ impl TestDatabase {
         let url = format!("sqlite://{}", dir.path().join("batchd.db").display());
         TestDatabase {
             url,
-            cleanup: Cleanup::Dir { _dir: dir },
+            _cleanup: Cleanup::Dir { _dir: dir },
         }
     }
 
@@ -98,90 +93,17 @@ impl TestDatabase {
             }
             _ => return None,
         };
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let name = format!(
-            "batchd_test_{}_{}_{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            uuid::Uuid::new_v4().simple()
-        );
-        let mut admin = AsyncPgConnection::establish(&admin_url)
+        let database = ScratchDatabase::create(&admin_url, "batchd_test")
             .await
-            .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {TEST_DATABASE_URL}: {e}"));
-        diesel::sql_query(format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await
-            .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
-        let url = with_database(&admin_url, &name);
+            .unwrap_or_else(|e| panic!("cannot create a test database on {TEST_DATABASE_URL}: {e}"));
         Some(TestDatabase {
-            url,
-            cleanup: Cleanup::Postgres { admin_url, name },
+            url: database.url().to_owned(),
+            _cleanup: Cleanup::Postgres { _database: database },
         })
     }
 
     /// The database URL to hand to `connect` or `batchd`.
     pub fn url(&self) -> &str {
         &self.url
-    }
-}
-
-/// The same server URL with another database name (query parameters kept).
-fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[scheme_end..].find('/') {
-        Some(slash) => &base[..scheme_end + slash],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{name}?{q}"),
-        None => format!("{base}/{name}"),
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        if let Cleanup::Postgres { admin_url, name } = &self.cleanup {
-            let (admin_url, name) = (admin_url.clone(), name.clone());
-            // Drop runs outside or inside a runtime; a thread with its own runtime works in both.
-            let dropped = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .ok()?;
-                rt.block_on(async {
-                    let mut admin = AsyncPgConnection::establish(&admin_url).await.ok()?;
-                    diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut admin)
-                        .await
-                        .ok()
-                })
-            })
-            .join();
-            if !matches!(dropped, Ok(Some(_))) {
-                eprintln!("warning: could not drop test database");
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::with_database;
-
-    #[test]
-    fn swaps_the_database_name() {
-        assert_eq!(
-            with_database("postgres://u@h:5432/postgres", "t1"),
-            "postgres://u@h:5432/t1"
-        );
-        assert_eq!(
-            with_database("postgres://u@h/postgres?sslmode=disable", "t1"),
-            "postgres://u@h/t1?sslmode=disable"
-        );
-        assert_eq!(with_database("postgres://u@h", "t1"), "postgres://u@h/t1");
     }
 }
