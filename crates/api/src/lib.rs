@@ -13,9 +13,11 @@ mod ratelimit;
 mod request_id;
 mod stream;
 mod views;
+mod workers;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
@@ -73,6 +75,7 @@ impl Default for ApiConfig {
                 handler: "demo".to_owned(),
                 max_items: 10_000,
                 defaults: JsonMap::new(),
+                lease: Duration::from_secs(30),
             },
         );
         Self {
@@ -93,6 +96,8 @@ pub struct QueueInfo {
     /// The queue level of config precedence (its settings and its `defaults` table): where
     /// an item's `max_attempts` comes from when neither it nor its batch sets one.
     pub defaults: JsonMap,
+    /// The lease of a claimed item (`lease_ms`), for pull workers that do not ask for one.
+    pub lease: Duration,
 }
 
 /// Registers batchd's routes. Mount it at the root of an app or in a scope; the app must
@@ -102,6 +107,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     batches::configure(cfg);
     items::configure(cfg);
     queues::configure(cfg);
+    workers::configure(cfg);
     metrics::configure(cfg);
     openapi::configure(cfg);
 }
