@@ -41,6 +41,8 @@ pub struct ApiState {
     /// What `/metrics` shows; the server also hands it to the worker pool.
     pub metrics: Arc<Metrics>,
     limiter: Arc<ratelimit::Limiter>,
+    /// Set when the server begins to stop: long polls answer at once.
+    stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl ApiState {
@@ -51,7 +53,18 @@ impl ApiState {
             config,
             metrics: Arc::new(Metrics::new()),
             limiter: Arc::default(),
+            stopping: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+
+    /// Tells waiting requests that the server is stopping: pull-worker long polls answer at
+    /// once (with what they have) instead of holding the shutdown up for their `wait_ms`.
+    pub fn begin_shutdown(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    pub(crate) fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stopping.subscribe()
     }
 }
 

@@ -114,9 +114,10 @@ async fn claim(
     let deadline = tokio::time::Instant::now() + Duration::from_millis(request.wait_ms);
     // Subscribed before the first claim, so work that commits in between still wakes us.
     let mut notices = state.store.subscribe();
+    let mut stopping = state.stopping();
     let claimed = loop {
         let claimed = state.store.claim(&storage_request).await?;
-        if !claimed.is_empty() || tokio::time::Instant::now() >= deadline {
+        if !claimed.is_empty() || tokio::time::Instant::now() >= deadline || *stopping.borrow() {
             break claimed;
         }
         let recheck = tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + LONG_POLL_RECHECK));
@@ -124,6 +125,8 @@ async fn claim(
         loop {
             tokio::select! {
                 () = &mut recheck => break,
+                // The server is stopping: one last claim, then answer.
+                _ = stopping.changed() => break,
                 notice = notices.recv() => match notice {
                     Ok(Notice::Work { queue: q } | Notice::Queue { queue: q }) if q == queue => break,
                     Ok(Notice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => break,

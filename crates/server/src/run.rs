@@ -208,6 +208,7 @@ pub async fn serve(
     let max_body_bytes = settings.server.max_body_bytes;
     let state = web::Data::new(ApiState::new(store.clone(), api_config(&settings)?));
     let metrics = state.metrics.clone();
+    let api = state.clone();
     let server = HttpServer::new(move || {
         batchd_api::app(state.clone())
             .app_data(web::PayloadConfig::new(max_body_bytes))
@@ -239,6 +240,7 @@ pub async fn serve(
     ));
     Ok(ServerHandle {
         local_addr,
+        api,
         store,
         http,
         http_task,
@@ -287,6 +289,7 @@ async fn purge_finished_batches(store: Arc<dyn Store>, days: u32, stop: Cancella
 #[must_use = "a server runs until it is shut down; call shutdown() or wait()"]
 pub struct ServerHandle {
     local_addr: SocketAddr,
+    api: web::Data<ApiState>,
     store: Arc<dyn Store>,
     http: actix_web::dev::ServerHandle,
     http_task: JoinHandle<std::io::Result<()>>,
@@ -312,6 +315,8 @@ impl ServerHandle {
     /// back without spending an attempt; joins every task.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         tracing::info!(grace_ms = self.grace.as_millis(), "shutting down");
+        // Long polls answer now rather than hold the stop up.
+        self.api.begin_shutdown();
         let http_stop = async {
             let stopped = tokio::time::timeout(self.grace + STOP_MARGIN, self.http.stop(true)).await;
             if stopped.is_err() {
