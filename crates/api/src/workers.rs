@@ -139,6 +139,11 @@ async fn claim(
             }
         }
     };
+    // Pick-up latency in /metrics, as the in-process pool records it.
+    let now = time::OffsetDateTime::now_utc();
+    for item in &claimed {
+        state.metrics.item_started(&queue, (now - item.ready_at).unsigned_abs());
+    }
     let items = claimed
         .into_iter()
         .map(|item| claim_item(item, &info.defaults))
