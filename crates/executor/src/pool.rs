@@ -427,6 +427,11 @@ async fn run_item(
         }
     };
     heartbeat.abort();
+    // Released before the attempt is recorded: the batch's next item cannot be claimed before
+    // that, so it never starts on the context this item let go.
+    if sequential && releases_context {
+        close_context(inner, &info.batch_id).await;
+    }
     let Some(outcome) = outcome else {
         tracing::debug!(item = %item_id, attempt, "the attempt was accepted elsewhere; its worker reports it");
         if let Some(observer) = &inner.config.observer {
@@ -466,7 +471,7 @@ async fn run_item(
             result,
             Ok(FinishResult::Applied(ItemStatus::NeedsInput | ItemStatus::Pending))
         );
-        if releases_context || !item_waits && batch_is_done(&inner.store, &info.batch_id).await {
+        if !releases_context && !item_waits && batch_is_done(&inner.store, &info.batch_id).await {
             close_context(inner, &info.batch_id).await;
         }
     }
