@@ -13,9 +13,11 @@ mod ratelimit;
 mod request_id;
 mod stream;
 mod views;
+mod workers;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
@@ -39,6 +41,8 @@ pub struct ApiState {
     /// What `/metrics` shows; the server also hands it to the worker pool.
     pub metrics: Arc<Metrics>,
     limiter: Arc<ratelimit::Limiter>,
+    /// Set when the server begins to stop: long polls answer at once.
+    stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl ApiState {
@@ -49,7 +53,18 @@ impl ApiState {
             config,
             metrics: Arc::new(Metrics::new()),
             limiter: Arc::default(),
+            stopping: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+
+    /// Tells waiting requests that the server is stopping: pull-worker long polls answer at
+    /// once (with what they have) instead of holding the shutdown up for their `wait_ms`.
+    pub fn begin_shutdown(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    pub(crate) fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stopping.subscribe()
     }
 }
 
@@ -73,6 +88,7 @@ impl Default for ApiConfig {
                 handler: "demo".to_owned(),
                 max_items: 10_000,
                 defaults: JsonMap::new(),
+                lease: Duration::from_secs(30),
             },
         );
         Self {
@@ -93,6 +109,8 @@ pub struct QueueInfo {
     /// The queue level of config precedence (its settings and its `defaults` table): where
     /// an item's `max_attempts` comes from when neither it nor its batch sets one.
     pub defaults: JsonMap,
+    /// The lease of a claimed item (`lease_ms`), for pull workers that do not ask for one.
+    pub lease: Duration,
 }
 
 /// Registers batchd's routes. Mount it at the root of an app or in a scope; the app must
@@ -102,6 +120,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     batches::configure(cfg);
     items::configure(cfg);
     queues::configure(cfg);
+    workers::configure(cfg);
     metrics::configure(cfg);
     openapi::configure(cfg);
 }

@@ -9,8 +9,10 @@ use std::sync::LazyLock;
 use actix_web::http::header::{self, ContentType};
 use actix_web::{HttpResponse, web};
 use batchd_domain::wire::{
-    AnswerRequest, BatchList, BatchView, CurrentItem, ErrorBody, ErrorDetail, EventList, EventView, ItemList, ItemView,
-    Progress, QueueList, QueueView, SubmitBatch, SubmitItem, SubmitResponse, WebhookSpec, WebhookView,
+    AnswerRequest, BatchList, BatchView, ClaimItem, ClaimRequest, ClaimResponse, CompleteRequest, CurrentItem,
+    ErrorBody, ErrorDetail, EventList, EventView, FailRequest, HeartbeatRequest, ItemEventRequest, ItemList, ItemView,
+    LeaseResponse, NeedsInputRequest, Progress, QueueList, QueueView, ReportResponse, SubmitBatch, SubmitItem,
+    SubmitResponse, WebhookSpec, WebhookView, WorkerEventType,
 };
 use batchd_domain::{BatchStatus, Counts, EventType, Issue, ItemStatus, Mode, OnItemFailure};
 use utoipa::openapi::header::HeaderBuilder;
@@ -21,7 +23,7 @@ use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, ResponseBuilder
 use utoipa::{Modify, OpenApi};
 
 use crate::stream::SseFrame;
-use crate::{batches, health, items, queues, stream};
+use crate::{batches, health, items, queues, stream, workers};
 
 /// The reference page: plain HTML with its CSS and script inline.
 const DOCS_HTML: &str = include_str!("docs.html");
@@ -61,6 +63,12 @@ const DOCS_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-sr
         queues::list,
         queues::pause,
         queues::resume,
+        workers::claim,
+        workers::heartbeat,
+        workers::events,
+        workers::complete,
+        workers::fail,
+        workers::needs_input,
     ),
     components(schemas(
         SubmitBatch,
@@ -91,12 +99,25 @@ const DOCS_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-sr
         EventType,
         health::Health,
         health::Ready,
+        ClaimRequest,
+        ClaimResponse,
+        ClaimItem,
+        HeartbeatRequest,
+        ItemEventRequest,
+        WorkerEventType,
+        LeaseResponse,
+        CompleteRequest,
+        FailRequest,
+        NeedsInputRequest,
+        ReportResponse,
     )),
     modifiers(&BearerAuth, &RateLimited, &RequestIdHeader, &ClosedRequestBodies),
     tags(
         (name = "batches", description = "Submit, read, list and control batches; their items and timeline."),
         (name = "items", description = "The caller's recent items, one item, cancelling and answering one."),
         (name = "queues", description = "Queue statistics; pausing and resuming a whole queue."),
+        (name = "workers", description = "The pull-worker protocol: claim items of a pull queue, renew their \
+                                          leases, write to their timeline and report how they ended."),
         (name = "health", description = "Liveness and readiness, for load balancers and orchestrators."),
     ),
 )]
@@ -204,7 +225,19 @@ impl Modify for ClosedRequestBodies {
         let Some(components) = openapi.components.as_mut() else {
             return;
         };
-        for name in ["SubmitBatch", "SubmitItem", "WebhookSpec", "AnswerRequest"] {
+        let closed = [
+            "SubmitBatch",
+            "SubmitItem",
+            "WebhookSpec",
+            "AnswerRequest",
+            "ClaimRequest",
+            "HeartbeatRequest",
+            "ItemEventRequest",
+            "CompleteRequest",
+            "FailRequest",
+            "NeedsInputRequest",
+        ];
+        for name in closed {
             if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(name) {
                 object.additional_properties = Some(Box::new(AdditionalProperties::FreeForm(false)));
             }

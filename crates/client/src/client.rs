@@ -110,6 +110,11 @@ impl Client {
         self
     }
 
+    /// How long one call may take (see [`with_timeout`](Self::with_timeout)).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The server's base URL.
     pub fn base_url(&self) -> &str {
         self.base.as_str()
@@ -320,7 +325,7 @@ impl Client {
             .timeout(self.timeout)
     }
 
-    fn json_request(
+    pub(crate) fn json_request(
         &self,
         method: Method,
         segments: &[&str],
@@ -338,7 +343,7 @@ impl Client {
         }
     }
 
-    async fn call<T: DeserializeOwned>(&self, request: RequestBuilder) -> Result<T, ClientError> {
+    pub(crate) async fn call<T: DeserializeOwned>(&self, request: RequestBuilder) -> Result<T, ClientError> {
         self.exchange(request).await.map(|(_, body)| body)
     }
 

@@ -6,9 +6,11 @@ mod request;
 mod sse;
 #[cfg(test)]
 mod tests;
+mod worker;
 
 pub use batchd_domain::wire;
 pub use batchd_domain::{BatchStatus, Counts, EventType, Issue, ItemStatus, JsonMap, Mode, OnItemFailure};
 pub use client::{Client, EventStream, Submitted};
 pub use error::ClientError;
 pub use request::{BatchQuery, ItemQuery, NewBatch, NewItem, NewWebhook, RecentItemsQuery};
+pub use worker::{ClaimOptions, Heartbeat};

@@ -345,3 +345,171 @@ pub struct QueueView {
 pub struct QueueList {
     pub queues: Vec<QueueView>,
 }
+
+/// The body of `POST /v1/queues/{queue}/claim`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(
+    feature = "openapi",
+    schema(example = json!({"max_items": 10, "wait_ms": 20000, "lease_ms": 60000}))
+)]
+pub struct ClaimRequest {
+    /// Items to claim at most, 1-100.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(required = false, default = 1, minimum = 1, maximum = 100)
+    )]
+    pub max_items: u32,
+    /// How long to wait for work when none is ready (a long poll), 0-30000 ms.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(required = false, default = 0, minimum = 0, maximum = 30000)
+    )]
+    pub wait_ms: u64,
+    /// The lease of each claimed item, 100-3600000 ms; the queue's `lease_ms` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 100, maximum = 3600000))]
+    pub lease_ms: Option<u64>,
+}
+
+impl Default for ClaimRequest {
+    fn default() -> Self {
+        Self {
+            max_items: 1,
+            wait_ms: 0,
+            lease_ms: None,
+        }
+    }
+}
+
+/// A claimed item: what a pull worker gets from a claim, and the body batchd POSTs to an
+/// `http` queue's URL. `lease_token` authorises the item's reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ClaimItem {
+    pub id: String,
+    pub batch_id: String,
+    pub index: i32,
+    #[cfg_attr(feature = "openapi", schema(required))]
+    pub custom_id: Option<String>,
+    /// The attempt this claim starts, from 1.
+    pub attempt: i32,
+    /// Any JSON: what to work on.
+    pub input: Value,
+    /// The answer to the item's question, once given.
+    #[cfg_attr(feature = "openapi", schema(required))]
+    pub answer: Option<Value>,
+    /// Server defaults < queue < batch < item config, merged by key.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub config: JsonMap,
+    #[cfg_attr(feature = "openapi", schema(required))]
+    pub session_id: Option<String>,
+    /// Authorises the item's heartbeat, events, complete, fail and needs-input calls.
+    pub lease_token: String,
+    /// When the lease ends unless a heartbeat renews it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub lease_expires_at: OffsetDateTime,
+}
+
+/// `200` reply to a claim: an empty list when nothing came within `wait_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ClaimResponse {
+    pub items: Vec<ClaimItem>,
+}
+
+/// The body of `POST /v1/items/{id}/heartbeat`: renews the lease, and may report where the
+/// item is (written as an `item.step`, `item.progress` or `item.log` event).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HeartbeatRequest {
+    pub lease_token: String,
+    /// The new lease from now, 100-3600000 ms; the queue's `lease_ms` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+/// The kinds of event a worker may write to an item's timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerEventType {
+    /// `item.step`: the step the item is on.
+    Step,
+    /// `item.progress`: how far it is.
+    Progress,
+    /// `item.log`: a log line or event data.
+    Log,
+}
+
+/// The body of `POST /v1/items/{id}/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ItemEventRequest {
+    pub lease_token: String,
+    #[serde(rename = "type")]
+    pub event_type: WorkerEventType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+/// `200` reply to a heartbeat or an event: the lease still holds, until this time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct LeaseResponse {
+    #[serde(with = "time::serde::rfc3339")]
+    pub lease_expires_at: OffsetDateTime,
+}
+
+/// The body of `POST /v1/items/{id}/complete`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CompleteRequest {
+    pub lease_token: String,
+    /// Any JSON; null when absent.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required = false))]
+    pub result: Value,
+}
+
+/// The body of `POST /v1/items/{id}/fail`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FailRequest {
+    pub lease_token: String,
+    /// What went wrong; truncated to the server's error length.
+    pub error: String,
+    /// False: the item fails now, whatever attempts remain.
+    #[cfg_attr(feature = "openapi", schema(required = false, default = true))]
+    pub retryable: bool,
+}
+
+/// The body of `POST /v1/items/{id}/needs-input`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct NeedsInputRequest {
+    pub lease_token: String,
+    /// Any JSON: what to ask the client.
+    pub question: Value,
+}
+
+/// `200` reply to complete, fail and needs-input: the item's status after the report
+/// (`pending` for a failure that will be retried).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ReportResponse {
+    pub id: String,
+    pub status: ItemStatus,
+}

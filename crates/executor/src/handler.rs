@@ -47,6 +47,11 @@ pub enum Completion {
     Completed(Value),
     /// The item waits for an answer to this question.
     NeedsInput(Value),
+    /// Someone else now holds the attempt (an `http` worker that answered
+    /// `202 {"status":"accepted"}`): the pool stops renewing the lease and records nothing;
+    /// the item stays running until that worker reports with the lease token, or its lease
+    /// expires and the item is put back.
+    Accepted,
 }
 
 /// Why an attempt failed, and whether to try again.
@@ -114,6 +119,8 @@ pub struct ItemContext {
     pub mode: Mode,
     /// The item's lease token: the idempotency key of this attempt's reports.
     pub lease_token: String,
+    /// When the lease ends unless renewed (the pool renews it while the handler runs).
+    pub lease_expires_at: time::OffsetDateTime,
     batch_context: Option<BatchContext>,
     cancel: CancellationToken,
     reporter: Reporter,
@@ -158,6 +165,7 @@ impl ItemContext {
             session_id: claimed.session_id,
             mode: claimed.mode,
             lease_token: claimed.lease_token,
+            lease_expires_at: claimed.lease_expires_at,
             batch_context,
             cancel,
             reporter,
@@ -265,7 +273,8 @@ impl std::fmt::Debug for HandlerRegistry {
 }
 
 impl HandlerRegistry {
-    /// A registry with the built-in `demo` handler.
+    /// A registry with the built-in `demo` handler (`http` handlers are registered per queue,
+    /// as each has its own URL and secret).
     pub fn with_builtins() -> Self {
         let mut registry = Self::default();
         registry.register("demo", crate::DemoHandler);

@@ -2,6 +2,7 @@
 
 mod demo;
 mod handler;
+mod http;
 mod limiter;
 mod pool;
 
@@ -9,4 +10,5 @@ pub use demo::DemoHandler;
 pub use handler::{
     BatchContext, BatchInfo, Completion, Handler, HandlerError, HandlerRegistry, ItemContext, ReportError, Retry,
 };
+pub use http::{HttpHandler, HttpHandlerError};
 pub use pool::{Executor, ExecutorConfig, ExecutorError, ExecutorHandle, ExecutorObserver, QueueConfig};

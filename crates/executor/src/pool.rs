@@ -407,8 +407,9 @@ async fn run_item(
         cancel.clone(),
     ));
 
+    // `None`: the handler handed the attempt on (`Completion::Accepted`); nothing to record.
     let outcome = match open_context(inner, &handler, &info, sequential).await {
-        Err(e) => failure(e, &settings),
+        Err(e) => Some(failure(e, &settings)),
         Ok(batch_context) => {
             let context = ItemContext::new(item, config, batch_context, cancel.clone(), inner.store.clone());
             let attempt_future = std::panic::AssertUnwindSafe(handler.run(context)).catch_unwind();
@@ -416,22 +417,35 @@ async fn run_item(
                 result = tokio::time::timeout(settings.timeout, attempt_future) => match result {
                     Err(_) => {
                         cancel.cancel();
-                        failure(HandlerError::transient(format!("timed out after {} ms", settings.timeout.as_millis())), &settings)
+                        Some(failure(HandlerError::transient(format!("timed out after {} ms", settings.timeout.as_millis())), &settings))
                     }
-                    Ok(Err(panic)) => failure(HandlerError::transient(format!("handler panicked: {}", panic_message(&panic))), &settings),
-                    Ok(Ok(Ok(Completion::Completed(result)))) => Outcome::Completed { result },
-                    Ok(Ok(Ok(Completion::NeedsInput(question)))) => Outcome::NeedsInput { question },
-                    Ok(Ok(Err(e))) => failure(e, &settings),
+                    Ok(Err(panic)) => Some(failure(HandlerError::transient(format!("handler panicked: {}", panic_message(&panic))), &settings)),
+                    Ok(Ok(Ok(Completion::Completed(result)))) => Some(Outcome::Completed { result }),
+                    Ok(Ok(Ok(Completion::NeedsInput(question)))) => Some(Outcome::NeedsInput { question }),
+                    Ok(Ok(Ok(Completion::Accepted))) => None,
+                    Ok(Ok(Err(e))) => Some(failure(e, &settings)),
                 },
-                () = cancelled_past_grace(&cancel) => Outcome::Cancelled,
+                () = cancelled_past_grace(&cancel) => Some(Outcome::Cancelled),
                 () = inner.release_now.cancelled() => {
                     cancel.cancel();
-                    Outcome::Released
+                    Some(Outcome::Released)
                 }
             }
         }
     };
     heartbeat.abort();
+    // Released before the attempt is recorded: the batch's next item cannot be claimed before
+    // that, so it never starts on the context this item let go.
+    if sequential && releases_context {
+        close_context(inner, &info.batch_id).await;
+    }
+    let Some(outcome) = outcome else {
+        tracing::debug!(item = %item_id, attempt, "the attempt was accepted elsewhere; its worker reports it");
+        if let Some(observer) = &inner.config.observer {
+            observer.attempt_ended(&queue.name, "accepted", started.elapsed());
+        }
+        return;
+    };
     let finish = Finish {
         item_id: item_id.clone(),
         lease_token,
@@ -464,7 +478,7 @@ async fn run_item(
             result,
             Ok(FinishResult::Applied(ItemStatus::NeedsInput | ItemStatus::Pending))
         );
-        if releases_context || !item_waits && batch_is_done(&inner.store, &info.batch_id).await {
+        if !releases_context && !item_waits && batch_is_done(&inner.store, &info.batch_id).await {
             close_context(inner, &info.batch_id).await;
         }
     }

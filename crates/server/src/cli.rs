@@ -1,17 +1,21 @@
-//! The `batchd` command line: `serve` (the default), `migrate`, `config check` and `bench`.
+//! The `batchd` command line: `serve` (the default), `migrate`, `config check`, `worker` and
+//! `bench`.
 
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
 
 use crate::bench::{self, BenchBackend, BenchOptions};
 use crate::run::{self, check_open_mode, shutdown_signal, start};
 use crate::settings::{Overrides, Settings};
 use crate::telemetry::init_logging;
+use crate::worker::{Stop, WorkerOptions, run_worker};
 
 /// batchd: a server for asynchronous batch jobs.
 #[derive(Debug, Parser)]
@@ -35,6 +39,37 @@ enum Command {
     Config(ConfigCommand),
     /// Measure a server over a fresh database with a no-op handler
     Bench(BenchArgs),
+    /// Claim items of a pull queue and run a command per item
+    ///
+    /// The command gets the item's input as JSON on stdin and its ids in BATCHD_* environment
+    /// variables; its stdout (JSON, else text) is the result, each stderr line an item.log
+    /// event; exit code 0 completes the item, any other fails the attempt.
+    Worker(WorkerArgs),
+}
+
+#[derive(Debug, Args)]
+struct WorkerArgs {
+    /// The pull queue to claim from
+    #[arg(long, value_name = "QUEUE")]
+    queue: String,
+    /// The batchd server
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// A worker (or admin) API key
+    #[arg(long, value_name = "TOKEN", env = "BATCHD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Items run at once
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    concurrency: u32,
+    /// How long each claim waits for work (a long poll), up to 30000
+    #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(0..=30000))]
+    wait_ms: u64,
+    /// The lease of each item (100-3600000); the queue's lease_ms by default
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    lease_ms: Option<u64>,
+    /// The command and its arguments, after `--`
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,6 +165,7 @@ impl Cli {
             Some(Command::Migrate(args)) => migrate(args),
             Some(Command::Config(ConfigCommand::Check(args))) => config_check(&args),
             Some(Command::Bench(args)) => bench(args),
+            Some(Command::Worker(args)) => worker(args),
         }
     }
 }
@@ -226,6 +262,43 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    // Only the log settings apply (from the defaults and BATCHD__LOG__* variables).
+    let settings = load(None, &Overrides::default())?;
+    init_logging(&settings.log)?;
+    let options = WorkerOptions {
+        server: args.server,
+        token: args.token.filter(|t| !t.is_empty()),
+        queue: args.queue,
+        concurrency: args.concurrency as usize,
+        wait: Duration::from_millis(args.wait_ms),
+        lease: args.lease_ms.map(Duration::from_millis),
+        command: args.command,
+    };
+    runtime()?.block_on(async move {
+        let stop = Stop {
+            drain: CancellationToken::new(),
+            kill: CancellationToken::new(),
+        };
+        let first = shutdown_signal()?;
+        let signals = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                first.await;
+                stop.drain.cancel();
+                tracing::info!("stopping: no more claims; a second signal kills running commands");
+                if let Ok(second) = shutdown_signal() {
+                    second.await;
+                    stop.kill.cancel();
+                }
+            })
+        };
+        let result = run_worker(options, stop).await;
+        signals.abort();
+        result
+    })
+}
+
 fn config_check(args: &ConfigArgs) -> anyhow::Result<()> {
     let settings = load(args.config.as_deref(), &Overrides::default())?;
     check_open_mode(&settings.auth, settings.server.bind)?;
@@ -254,5 +327,33 @@ mod tests {
             Some(Command::Config(ConfigCommand::Check(ConfigArgs { config: Some(_) })))
         ));
         assert!(Cli::try_parse_from(["batchd", "migrate", "--bind", "127.0.0.1:9"]).is_err());
+    }
+
+    #[test]
+    fn worker_takes_a_queue_and_a_command_after_the_dashes() {
+        let cli = Cli::try_parse_from([
+            "batchd",
+            "worker",
+            "--queue",
+            "q",
+            "--concurrency",
+            "4",
+            "--",
+            "sh",
+            "-c",
+            "cat",
+        ])
+        .expect("parses");
+        let Some(Command::Worker(args)) = cli.command else {
+            panic!("not the worker command");
+        };
+        assert_eq!((args.queue.as_str(), args.concurrency, args.wait_ms), ("q", 4, 5000));
+        assert_eq!(args.server, "http://127.0.0.1:8080");
+        assert_eq!(args.command, ["sh", "-c", "cat"]);
+        assert!(
+            Cli::try_parse_from(["batchd", "worker", "--queue", "q"]).is_err(),
+            "a command is required"
+        );
+        assert!(Cli::try_parse_from(["batchd", "worker", "--queue", "q", "--concurrency", "0", "--", "x"]).is_err());
     }
 }

@@ -12,7 +12,9 @@ use actix_web::{HttpServer, web};
 use anyhow::{Context, bail};
 use batchd_api::{ApiConfig, ApiState, AuthConfig, QueueInfo, RateLimit};
 use batchd_domain::{JsonMap, Limits};
-use batchd_executor::{Executor, ExecutorConfig, ExecutorHandle, ExecutorObserver, HandlerRegistry, QueueConfig};
+use batchd_executor::{
+    Executor, ExecutorConfig, ExecutorHandle, ExecutorObserver, HandlerRegistry, HttpHandler, QueueConfig,
+};
 use batchd_storage::{Store, StoreOptions};
 use serde_json::json;
 use tokio::task::JoinHandle;
@@ -84,7 +86,7 @@ pub fn executor_config(settings: &Settings) -> ExecutorConfig {
         .filter(|(_, queue)| queue.handler != "pull")
         .map(|(name, queue)| QueueConfig {
             name: name.clone(),
-            handler: queue.handler.clone(),
+            handler: registered_handler_name(name, queue),
             concurrency: queue.concurrency as usize,
             rate_per_second: queue.rate_per_second,
             burst: queue.burst,
@@ -104,6 +106,35 @@ pub fn executor_config(settings: &Settings) -> ExecutorConfig {
         shutdown_grace: Duration::from_millis(settings.server.shutdown_grace_ms),
         ..ExecutorConfig::default()
     }
+}
+
+/// The name a queue's handler is registered under: an `http` queue has its own (its URL and
+/// secret), `http:<queue>`; any other queue the name it configures.
+fn registered_handler_name(name: &str, queue: &QueueSettings) -> String {
+    if queue.handler == "http" {
+        format!("http:{name}")
+    } else {
+        queue.handler.clone()
+    }
+}
+
+/// Registers an [`HttpHandler`] for each `http` queue, under `http:<queue>`.
+pub fn register_http_handlers(settings: &Settings, handlers: &mut HandlerRegistry) -> anyhow::Result<()> {
+    for (name, queue) in settings.queues.iter().filter(|(_, q)| q.handler == "http") {
+        let url = queue
+            .url
+            .as_deref()
+            .with_context(|| format!("queues.{name}.url: required by the http handler"))?;
+        let secret = queue
+            .secret
+            .as_ref()
+            .map(|secret| batchd_webhook::Secret::new(secret.expose()))
+            .transpose()
+            .with_context(|| format!("queues.{name}.secret"))?;
+        let handler = HttpHandler::new(url, secret).with_context(|| format!("queues.{name}.url"))?;
+        handlers.register(registered_handler_name(name, queue), handler);
+    }
+    Ok(())
 }
 
 /// What the API needs of the settings: who may call, and the queues items may go to.
@@ -130,6 +161,7 @@ pub fn api_config(settings: &Settings) -> anyhow::Result<ApiConfig> {
                 handler: queue.handler.clone(),
                 max_items: queue.max_items as usize,
                 defaults: queue_config_defaults(queue),
+                lease: Duration::from_millis(queue.lease_ms),
             };
             (name.clone(), info)
         })
@@ -160,20 +192,23 @@ pub fn queue_config_defaults(queue: &QueueSettings) -> JsonMap {
     map
 }
 
-/// Serves the API over `store` on `listener` and runs the queues' worker pool. Must be
-/// called inside a tokio runtime.
+/// Serves the API over `store` on `listener` and runs the queues' worker pool (with an
+/// [`HttpHandler`] for each `http` queue beside `handlers`). Must be called inside a tokio
+/// runtime.
 pub async fn serve(
     settings: Settings,
     store: Arc<dyn Store>,
     listener: TcpListener,
-    handlers: HandlerRegistry,
+    mut handlers: HandlerRegistry,
 ) -> anyhow::Result<ServerHandle> {
     let local_addr = listener.local_addr().context("the listener has no local address")?;
     check_open_mode(&settings.auth, local_addr)?;
+    register_http_handlers(&settings, &mut handlers)?;
     let grace = Duration::from_millis(settings.server.shutdown_grace_ms);
     let max_body_bytes = settings.server.max_body_bytes;
     let state = web::Data::new(ApiState::new(store.clone(), api_config(&settings)?));
     let metrics = state.metrics.clone();
+    let api = state.clone();
     let server = HttpServer::new(move || {
         batchd_api::app(state.clone())
             .app_data(web::PayloadConfig::new(max_body_bytes))
@@ -205,6 +240,7 @@ pub async fn serve(
     ));
     Ok(ServerHandle {
         local_addr,
+        api,
         store,
         http,
         http_task,
@@ -253,6 +289,7 @@ async fn purge_finished_batches(store: Arc<dyn Store>, days: u32, stop: Cancella
 #[must_use = "a server runs until it is shut down; call shutdown() or wait()"]
 pub struct ServerHandle {
     local_addr: SocketAddr,
+    api: web::Data<ApiState>,
     store: Arc<dyn Store>,
     http: actix_web::dev::ServerHandle,
     http_task: JoinHandle<std::io::Result<()>>,
@@ -278,6 +315,8 @@ impl ServerHandle {
     /// back without spending an attempt; joins every task.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         tracing::info!(grace_ms = self.grace.as_millis(), "shutting down");
+        // Long polls answer now rather than hold the stop up.
+        self.api.begin_shutdown();
         let http_stop = async {
             let stopped = tokio::time::timeout(self.grace + STOP_MARGIN, self.http.stop(true)).await;
             if stopped.is_err() {

@@ -598,6 +598,11 @@ fn resolve_queue(
             Some(_) => {}
         }
     }
+    if let Some(secret) = &queue.secret
+        && let Err(error) = batchd_webhook::Secret::new(secret.expose())
+    {
+        problems.push(format!("{path}.secret: {error}"));
+    }
     let resolved = QueueSettings {
         handler,
         concurrency: queue.concurrency.unwrap_or(defaults.concurrency),
@@ -826,6 +831,11 @@ mod tests {
             [queues."bad name"]
             handler = "demo"
 
+            [queues.signed]
+            handler = "http"
+            url = "http://127.0.0.1:9/work"
+            secret = "whsec_!!!"
+
             [log]
             level = "info,=="
         "#;
@@ -839,6 +849,7 @@ mod tests {
             "queues.push.url: required by the http handler",
             "queues.push.concurrency: must be at least 1",
             "queues.bad name:",
+            "queues.signed.secret:",
             "log.level:",
         ] {
             assert!(message.contains(expected), "missing {expected:?} in:\n{message}");

@@ -355,3 +355,40 @@ impl Server {
         self.process.logs.stderr()
     }
 }
+
+/// A long-running child that is not a server (`batchd worker`, a Python worker), killed if it
+/// is still running when dropped.
+pub struct Background {
+    process: Process,
+}
+
+impl Background {
+    pub fn spawn(dir: &Path, command: Command) -> Background {
+        Background {
+            process: Process::spawn(dir, command),
+        }
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.process.exited()
+    }
+
+    /// Waits for it to exit; panics with its output at the deadline.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        match self.process.wait_exit(timeout).await {
+            Some(status) => status,
+            None => panic!("the child did not exit within {timeout:?}\n{}", self.process.describe()),
+        }
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        let pid = i32::try_from(self.process.child.id()).expect("a pid fits in i32");
+        kill(Pid::from_raw(pid), signal).expect("the signal is sent");
+    }
+
+    /// Its stdout and stderr so far, for a failure message.
+    pub fn describe(&self) -> String {
+        self.process.describe()
+    }
+}

@@ -5,6 +5,7 @@ mod errors;
 mod health;
 mod openapi;
 mod v1;
+mod workers;
 
 use std::sync::Arc;
 

@@ -82,6 +82,7 @@ fn config(auth: AuthConfig) -> ApiConfig {
             handler: "demo".into(),
             max_items: 100,
             defaults,
+            lease: Duration::from_secs(30),
         },
     );
     config

@@ -113,6 +113,17 @@ async fn shutdown_hands_long_items_back_without_spending_an_attempt(backend: Bac
         .submit("q", Mode::Parallel, vec![json!({"sleep_ms": 60_000}); 2])
         .await;
     h.wait_until(&id, "items running", |b| b.counts.running == 2).await;
+    // The store counts an item running when its claim commits, a moment before the pool's
+    // task registers it: wait for the pool too.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while h.running() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pool runs {} items, not 2",
+            h.running()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(h.running(), 2);
     h.shutdown().await;
     let batch = h.batch(&id).await;

@@ -5,6 +5,8 @@
 mod batches;
 mod control;
 mod events;
+mod pull;
+mod push;
 mod server;
 
 use std::time::Duration;
@@ -86,3 +88,29 @@ macro_rules! on_both_backends {
     };
 }
 pub(crate) use on_both_backends;
+
+/// Defines `<name>_sqlite` and `<name>_postgres` tests that run `scenario(backend)`: for
+/// scenarios that build a server of their own (keys, queues). The PostgreSQL one returns early
+/// when no server is configured (under CI that fails instead).
+macro_rules! on_both_backends_with_own_server {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(batchd_testkit::Backend::Sqlite).await;
+                }
+            )*
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(batchd_testkit::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+pub(crate) use on_both_backends_with_own_server;
