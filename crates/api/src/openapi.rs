@@ -9,10 +9,11 @@ use std::sync::LazyLock;
 use actix_web::http::header::{self, ContentType};
 use actix_web::{HttpResponse, web};
 use batchd_domain::wire::{
-    AnswerRequest, BatchList, BatchView, CurrentItem, ErrorBody, ErrorDetail, EventList, EventView, ItemList, ItemView,
-    Progress, QueueList, QueueView, SubmitBatch, SubmitItem, SubmitResponse, WebhookSpec, WebhookView,
+    AnswerRequest, BatchList, BatchView, CurrentItem, DeliveryAttemptView, DeliveryList, DeliveryView, ErrorBody,
+    ErrorDetail, EventList, EventView, ItemList, ItemView, Progress, QueueList, QueueView, SubmitBatch, SubmitItem,
+    SubmitResponse, WebhookSpec, WebhookView,
 };
-use batchd_domain::{BatchStatus, Counts, EventType, Issue, ItemStatus, Mode, OnItemFailure};
+use batchd_domain::{BatchStatus, Counts, DeliveryStatus, EventType, Issue, ItemStatus, Mode, OnItemFailure};
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::schema::AdditionalProperties;
@@ -21,7 +22,7 @@ use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, ResponseBuilder
 use utoipa::{Modify, OpenApi};
 
 use crate::stream::SseFrame;
-use crate::{batches, health, items, queues, stream};
+use crate::{batches, health, items, queues, stream, webhooks};
 
 /// The reference page: plain HTML with its CSS and script inline.
 const DOCS_HTML: &str = include_str!("docs.html");
@@ -54,6 +55,7 @@ const DOCS_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-sr
         batches::items,
         batches::events,
         stream::events_stream,
+        webhooks::deliveries,
         items::recent,
         items::get,
         items::cancel,
@@ -78,6 +80,10 @@ const DOCS_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-sr
         EventList,
         EventView,
         SseFrame,
+        DeliveryList,
+        DeliveryView,
+        DeliveryAttemptView,
+        DeliveryStatus,
         AnswerRequest,
         QueueList,
         QueueView,
