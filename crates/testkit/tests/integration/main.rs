@@ -6,6 +6,7 @@ mod batches;
 mod control;
 mod events;
 mod server;
+mod webhooks;
 
 use std::time::Duration;
 
