@@ -5,3 +5,4 @@ mod batches;
 mod cli;
 mod serve;
 mod support;
+mod webhooks;
