@@ -197,11 +197,18 @@ async fn run(inner: Arc<Inner>, stop: CancellationToken) {
     while in_flight.join_next().await.is_some() {}
 }
 
-/// Returns when a notice says deliveries may be due.
+/// Returns when a notice says deliveries may be due, having drained the notices already
+/// queued: one claim answers them all.
 async fn wake_up(notices: &mut broadcast::Receiver<Notice>) {
     loop {
         match notices.recv().await {
-            Ok(Notice::Webhooks | Notice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Ok(Notice::Webhooks | Notice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                while !matches!(
+                    notices.try_recv(),
+                    Err(broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed)
+                ) {}
+                return;
+            }
             Ok(_) => {}
             // The store is gone: the poll goes on until shutdown.
             Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
@@ -304,7 +311,14 @@ async fn deliver(inner: &Inner, due: DueDelivery) {
 }
 
 async fn send(inner: &Inner, due: &DueDelivery) -> Sent {
-    match resolve(&due.url, inner.config.allow_private_destinations).await {
+    let resolving = resolve(&due.url, inner.config.allow_private_destinations);
+    let Ok(resolved) = tokio::time::timeout(inner.config.timeout, resolving).await else {
+        return Sent {
+            permanent: false,
+            ..Sent::permanent("resolving the webhook host timed out".to_owned())
+        };
+    };
+    match resolved {
         Ok(_) => {}
         // DNS may be down for a moment: that is worth another attempt.
         Err(error @ DestinationError::Unresolved(_)) => {
