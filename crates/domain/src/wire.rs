@@ -81,9 +81,13 @@ pub struct SubmitItem {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WebhookSpec {
-    /// An `http://` or `https://` URL.
+    /// An `http://` or `https://` URL. Unless the server sets
+    /// `webhooks.allow_private_destinations`, a host on a loopback, private, link-local or
+    /// other non-public address is refused (an IP literal or `localhost` at submit, any
+    /// resolved address at delivery).
     pub url: String,
-    /// The signing secret; stored, never returned.
+    /// The signing secret; stored, never returned. `whsec_<base64>` is a Standard Webhooks
+    /// secret (the decoded bytes are the key); any other string is used as its bytes.
     pub secret: Option<String>,
     /// The events to deliver; by default item.completed, item.failed, item.needs_input,
     /// batch.completed, batch.failed and batch.cancelled.
