@@ -86,6 +86,7 @@ async fn submit(
     let submitted = validate_submission(&body, &config.limits, |q| {
         config.queues.get(q).map(|info| info.max_items)
     })
+    .and_then(|submitted| check_webhook(submitted, config.allow_private_webhooks))
     .map_err(|issues| ApiError::validation("the batch is not valid", issues))?;
     let queue_defaults = config
         .queues
@@ -151,6 +152,24 @@ async fn submit(
         HttpResponse::Ok()
     };
     Ok(response.insert_header((header::LOCATION, status_url)).json(reply))
+}
+
+/// What validation cannot know: the server's destination policy (a webhook URL whose host is
+/// a non-public IP literal) and whether a `whsec_` secret decodes.
+fn check_webhook(submitted: SubmitBatch, allow_private: bool) -> Result<SubmitBatch, Vec<Issue>> {
+    let Some(webhook) = &submitted.webhook else {
+        return Ok(submitted);
+    };
+    let mut issues = Vec::new();
+    if let Err(error) = batchd_webhook::check_submitted_url(&webhook.url, allow_private) {
+        issues.push(Issue::new("webhook.url", error.to_string()));
+    }
+    if let Some(secret) = &webhook.secret
+        && let Err(error) = batchd_webhook::Secret::new(secret.as_str())
+    {
+        issues.push(Issue::new("webhook.secret", error.to_string()));
+    }
+    if issues.is_empty() { Ok(submitted) } else { Err(issues) }
 }
 
 /// The query of `GET /v1/batches`, for the OpenAPI document; [`list`] reads it by hand.

@@ -13,6 +13,7 @@ mod ratelimit;
 mod request_id;
 mod stream;
 mod views;
+mod webhooks;
 mod workers;
 
 use std::collections::BTreeMap;
@@ -77,6 +78,9 @@ pub struct ApiConfig {
     pub limits: Limits,
     /// Requests per caller on `/v1`; `None`: no limit.
     pub rate_limit: Option<RateLimit>,
+    /// `webhooks.allow_private_destinations`: when false, a submitted webhook URL whose host
+    /// is a loopback, private or other non-public IP literal (or `localhost`) is refused.
+    pub allow_private_webhooks: bool,
 }
 
 impl Default for ApiConfig {
@@ -96,6 +100,7 @@ impl Default for ApiConfig {
             queues,
             limits: Limits::default(),
             rate_limit: None,
+            allow_private_webhooks: false,
         }
     }
 }
@@ -121,6 +126,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     items::configure(cfg);
     queues::configure(cfg);
     workers::configure(cfg);
+    webhooks::configure(cfg);
     metrics::configure(cfg);
     openapi::configure(cfg);
 }

@@ -1,6 +1,6 @@
 //! `GET /metrics`: Prometheus metrics in the OpenMetrics text format. HTTP requests are
-//! counted by a middleware, item attempts and pick-up latency by the worker pool (through
-//! the server's observer), and queue gauges are read from the store at scrape time.
+//! counted by a middleware, item attempts and pick-up latency by the worker pool and webhook
+//! attempts by the dispatcher (through the server's observers), and queue gauges are read from the store at scrape time.
 
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
@@ -41,6 +41,13 @@ struct ItemLabels {
     status: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookLabels {
+    event_type: String,
+    /// `delivered`, `retry` or `failed`.
+    outcome: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 fn latency_histogram() -> Histogram {
@@ -61,6 +68,8 @@ pub struct Metrics {
     oldest: Family<QueueLabels, FloatGauge>,
     paused: Family<QueueLabels, Gauge>,
     completed_last_minute: Family<QueueLabels, Gauge>,
+    webhook_attempts: Family<WebhookLabels, Counter>,
+    webhook_duration: Family<WebhookLabels, Histogram, fn() -> Histogram>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -127,8 +136,23 @@ impl Metrics {
             "Items of a queue completed in the last minute",
             completed_last_minute.clone(),
         );
+        let webhook_attempts = Family::<WebhookLabels, Counter>::default();
+        registry.register(
+            "batchd_webhook_attempts",
+            "Webhook delivery attempts made by this server, by event type and outcome (delivered, retry, failed)",
+            webhook_attempts.clone(),
+        );
+        let webhook_duration =
+            Family::<WebhookLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        registry.register(
+            "batchd_webhook_attempt_duration_seconds",
+            "Time a webhook receiver took to answer an attempt (or to fail)",
+            webhook_duration.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
+            webhook_attempts,
+            webhook_duration,
             http_requests,
             http_duration,
             attempts,
@@ -161,6 +185,18 @@ impl Metrics {
         self.attempt_duration
             .get_or_create(&labels)
             .observe(duration.as_secs_f64());
+    }
+
+    /// A webhook attempt was recorded with its outcome.
+    pub fn webhook_attempt(&self, event_type: &str, outcome: &str, latency: Duration) {
+        let labels = WebhookLabels {
+            event_type: event_type.to_owned(),
+            outcome: outcome.to_owned(),
+        };
+        self.webhook_attempts.get_or_create(&labels).inc();
+        self.webhook_duration
+            .get_or_create(&labels)
+            .observe(latency.as_secs_f64());
     }
 
     fn http_answered(&self, labels: HttpLabels, duration: Duration) {

@@ -10,11 +10,11 @@ use actix_web::http::header::{self, ContentType};
 use actix_web::{HttpResponse, web};
 use batchd_domain::wire::{
     AnswerRequest, BatchList, BatchView, ClaimItem, ClaimRequest, ClaimResponse, CompleteRequest, CurrentItem,
-    ErrorBody, ErrorDetail, EventList, EventView, FailRequest, HeartbeatRequest, ItemEventRequest, ItemList, ItemView,
-    LeaseResponse, NeedsInputRequest, Progress, QueueList, QueueView, ReportResponse, SubmitBatch, SubmitItem,
-    SubmitResponse, WebhookSpec, WebhookView, WorkerEventType,
+    DeliveryAttemptView, DeliveryList, DeliveryView, ErrorBody, ErrorDetail, EventList, EventView, FailRequest,
+    HeartbeatRequest, ItemEventRequest, ItemList, ItemView, LeaseResponse, NeedsInputRequest, Progress, QueueList,
+    QueueView, ReportResponse, SubmitBatch, SubmitItem, SubmitResponse, WebhookSpec, WebhookView, WorkerEventType,
 };
-use batchd_domain::{BatchStatus, Counts, EventType, Issue, ItemStatus, Mode, OnItemFailure};
+use batchd_domain::{BatchStatus, Counts, DeliveryStatus, EventType, Issue, ItemStatus, Mode, OnItemFailure};
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::schema::AdditionalProperties;
@@ -23,7 +23,7 @@ use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, ResponseBuilder
 use utoipa::{Modify, OpenApi};
 
 use crate::stream::SseFrame;
-use crate::{batches, health, items, queues, stream, workers};
+use crate::{batches, health, items, queues, stream, webhooks, workers};
 
 /// The reference page: plain HTML with its CSS and script inline.
 const DOCS_HTML: &str = include_str!("docs.html");
@@ -56,6 +56,7 @@ const DOCS_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-sr
         batches::items,
         batches::events,
         stream::events_stream,
+        webhooks::deliveries,
         items::recent,
         items::get,
         items::cancel,
@@ -86,6 +87,10 @@ const DOCS_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-sr
         EventList,
         EventView,
         SseFrame,
+        DeliveryList,
+        DeliveryView,
+        DeliveryAttemptView,
+        DeliveryStatus,
         AnswerRequest,
         QueueList,
         QueueView,

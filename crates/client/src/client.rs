@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use batchd_domain::EventType;
 use batchd_domain::wire::{
-    AnswerRequest, BatchList, BatchView, EventList, EventView, ItemList, ItemView, QueueList, QueueView, SubmitResponse,
+    AnswerRequest, BatchList, BatchView, DeliveryList, EventList, EventView, ItemList, ItemView, QueueList, QueueView,
+    SubmitResponse,
 };
 use futures_util::{Stream, StreamExt};
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap};
@@ -217,6 +218,25 @@ impl Client {
         pairs.number("limit", limit);
         let request = self
             .request(Method::GET, &["v1", "batches", batch_id, "events"])
+            .query(&pairs.0);
+        self.call(request).await
+    }
+
+    /// `GET /v1/batches/{id}/webhooks`: the batch's webhook deliveries in event order, each
+    /// with its attempts; the next page is `cursor` = the previous page's `next_cursor`.
+    pub async fn batch_webhooks(
+        &self,
+        batch_id: &str,
+        cursor: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<DeliveryList, ClientError> {
+        let mut pairs = QueryPairs::default();
+        if let Some(cursor) = cursor {
+            pairs.0.push(("cursor", cursor.to_owned()));
+        }
+        pairs.number("limit", limit);
+        let request = self
+            .request(Method::GET, &["v1", "batches", batch_id, "webhooks"])
             .query(&pairs.0);
         self.call(request).await
     }

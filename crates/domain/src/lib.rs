@@ -19,7 +19,7 @@ pub use error::{InvalidTransition, ParseEnumError};
 pub use event::EventType;
 pub use ids::{is_valid_client_id, is_valid_queue_name, new_batch_id, new_item_id, new_lease_token};
 pub use retry::{FailureDecision, RetryPolicy, decide_failure, truncate_error};
-pub use status::{BatchStatus, CancelReason, ItemStatus, Mode, OnItemFailure};
+pub use status::{BatchStatus, CancelReason, DeliveryStatus, ItemStatus, Mode, OnItemFailure};
 pub use validation::{Issue, Limits, validate_submission};
 
 /// A JSON object: the type of every config map (server, queue, batch and item levels).

@@ -62,6 +62,16 @@ string_enum!(
     }
 );
 
+string_enum!(
+    /// Where a webhook delivery is: waiting for its next attempt, acknowledged with a 2xx,
+    /// or given up (attempts used up, `410 Gone`, or a refused destination).
+    DeliveryStatus, "delivery status" {
+        Pending => "pending",
+        Delivered => "delivered",
+        Failed => "failed",
+    }
+);
+
 impl BatchStatus {
     /// `completed`, `failed` and `cancelled`: nothing changes them but a retry.
     pub const fn is_terminal(self) -> bool {

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use crate::{BatchStatus, Counts, EventType, ItemStatus, JsonMap, Mode, OnItemFailure};
+use crate::{BatchStatus, Counts, DeliveryStatus, EventType, ItemStatus, JsonMap, Mode, OnItemFailure};
 
 /// A submitted batch after validation (`validate_submission`). Its schema describes the body
 /// of `POST /v1/batches`, where only `items` is required and the rest has defaults.
@@ -81,9 +81,13 @@ pub struct SubmitItem {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WebhookSpec {
-    /// An `http://` or `https://` URL.
+    /// An `http://` or `https://` URL. Unless the server sets
+    /// `webhooks.allow_private_destinations`, a host on a loopback, private, link-local or
+    /// other non-public address is refused (an IP literal or `localhost` at submit, any
+    /// resolved address at delivery).
     pub url: String,
-    /// The signing secret; stored, never returned.
+    /// The signing secret; stored, never returned. `whsec_<base64>` is a Standard Webhooks
+    /// secret (the decoded bytes are the key); any other string is used as its bytes.
     pub secret: Option<String>,
     /// The events to deliver; by default item.completed, item.failed, item.needs_input,
     /// batch.completed, batch.failed and batch.cancelled.
@@ -298,6 +302,59 @@ pub struct BatchList {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ItemList {
     pub items: Vec<ItemView>,
+    /// The `cursor` of the next page; null on the last page.
+    #[cfg_attr(feature = "openapi", schema(required))]
+    pub next_cursor: Option<String>,
+}
+
+/// One attempt to deliver a webhook.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeliveryAttemptView {
+    /// 1 for the first attempt.
+    pub attempt: i32,
+    /// When the request was sent.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The receiver's HTTP status; null when no answer came (timeout, connection error,
+    /// refused destination).
+    #[cfg_attr(feature = "openapi", schema(required))]
+    pub status_code: Option<i32>,
+    /// From sending the request to the end of the answer (or the failure).
+    pub latency_ms: i64,
+    /// Why the attempt did not deliver; null for a 2xx.
+    #[cfg_attr(feature = "openapi", schema(required))]
+    pub error: Option<String>,
+    /// The first KiB of the receiver's answer, as text.
+    #[cfg_attr(feature = "openapi", schema(required))]
+    pub response_body: Option<String>,
+}
+
+/// A webhook delivery of one event (the body it sends is signed; the secret is never shown).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeliveryView {
+    /// The delivery id: the body's `id` and the `webhook-id` header, the same on every attempt.
+    pub id: String,
+    pub event_type: EventType,
+    #[cfg_attr(feature = "openapi", schema(required))]
+    pub item_id: Option<String>,
+    pub status: DeliveryStatus,
+    /// Every attempt so far, oldest first.
+    pub attempts: Vec<DeliveryAttemptView>,
+    /// When the next attempt is due; null once delivered or failed.
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[cfg_attr(feature = "openapi", schema(required))]
+    pub next_attempt_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// `GET /v1/batches/{id}/webhooks`: in the order of the batch's events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeliveryList {
+    pub deliveries: Vec<DeliveryView>,
     /// The `cursor` of the next page; null on the last page.
     #[cfg_attr(feature = "openapi", schema(required))]
     pub next_cursor: Option<String>,

@@ -242,7 +242,7 @@ fn wakes(notice: &Result<Notice, broadcast::error::RecvError>, queue: &str) -> b
     match notice {
         Ok(Notice::Work { queue: q } | Notice::Queue { queue: q }) => q == queue,
         Ok(Notice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => true,
-        Ok(Notice::Control { .. } | Notice::Events { .. }) => false,
+        Ok(Notice::Control { .. } | Notice::Events { .. } | Notice::Webhooks) => false,
         Err(broadcast::error::RecvError::Closed) => false,
     }
 }

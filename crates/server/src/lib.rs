@@ -10,8 +10,8 @@ mod worker;
 
 pub use cli::{Cli, run_cli};
 pub use run::{
-    ServerHandle, api_config, check_open_mode, executor_config, migrate, open_store, queue_config_defaults,
-    register_http_handlers, serve, shutdown_signal, start, start_with,
+    ServerHandle, api_config, check_open_mode, dispatcher_config, executor_config, migrate, open_store,
+    queue_config_defaults, register_http_handlers, serve, shutdown_signal, start, start_with,
 };
 pub use secret::{DatabaseUrl, Secret};
 pub use settings::{

@@ -16,6 +16,7 @@ use batchd_executor::{
     Executor, ExecutorConfig, ExecutorHandle, ExecutorObserver, HandlerRegistry, HttpHandler, QueueConfig,
 };
 use batchd_storage::{Store, StoreOptions};
+use batchd_webhook::{DeliveryObserver, Dispatcher, DispatcherConfig, DispatcherHandle};
 use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -175,7 +176,21 @@ pub fn api_config(settings: &Settings) -> anyhow::Result<ApiConfig> {
         queues,
         limits: Limits::default(),
         rate_limit,
+        allow_private_webhooks: settings.webhooks.allow_private_destinations,
     })
+}
+
+/// The webhook dispatcher's settings: `[webhooks]`, with the executor's fallback poll.
+pub fn dispatcher_config(settings: &Settings) -> DispatcherConfig {
+    let webhooks = &settings.webhooks;
+    let mut config = DispatcherConfig::default();
+    config.allow_private_destinations = webhooks.allow_private_destinations;
+    config.max_attempts = webhooks.max_attempts;
+    config.backoff_base = Duration::from_millis(webhooks.backoff_base_ms);
+    config.backoff_max = Duration::from_millis(webhooks.backoff_max_ms);
+    config.timeout = Duration::from_millis(webhooks.timeout_ms);
+    config.poll_interval = Duration::from_millis(settings.executor.poll_interval_ms);
+    config
 }
 
 /// The queue level of config precedence: the queue's own settings (already filled in from
@@ -192,9 +207,9 @@ pub fn queue_config_defaults(queue: &QueueSettings) -> JsonMap {
     map
 }
 
-/// Serves the API over `store` on `listener` and runs the queues' worker pool (with an
-/// [`HttpHandler`] for each `http` queue beside `handlers`). Must be called inside a tokio
-/// runtime.
+/// Serves the API over `store` on `listener`, runs the queues' worker pool (with an
+/// [`HttpHandler`] for each `http` queue beside `handlers`) and the webhook dispatcher. Must
+/// be called inside a tokio runtime.
 pub async fn serve(
     settings: Settings,
     store: Arc<dyn Store>,
@@ -224,12 +239,22 @@ pub async fn serve(
     let http = server.handle();
     let http_task = tokio::spawn(server);
     let mut pool = executor_config(&settings);
-    pool.observer = Some(Arc::new(MetricsObserver(metrics)));
+    pool.observer = Some(Arc::new(MetricsObserver(metrics.clone())));
     let executor = match Executor::start(store.clone(), handlers, pool) {
         Ok(executor) => executor,
         Err(error) => {
             http.stop(false).await;
             return Err(error).context("cannot start the worker pool");
+        }
+    };
+    let mut webhooks = dispatcher_config(&settings);
+    webhooks.observer = Some(Arc::new(MetricsObserver(metrics.clone())));
+    let dispatcher = match Dispatcher::start(store.clone(), webhooks) {
+        Ok(dispatcher) => dispatcher,
+        Err(error) => {
+            http.stop(false).await;
+            executor.shutdown().await;
+            return Err(error).context("cannot start the webhook dispatcher");
         }
     };
     let stop_maintenance = CancellationToken::new();
@@ -245,14 +270,21 @@ pub async fn serve(
         http,
         http_task,
         executor,
+        dispatcher,
         maintenance,
         stop_maintenance,
         grace,
     })
 }
 
-/// Feeds the worker pool's attempts into `/metrics`.
+/// Feeds the worker pool's and the webhook dispatcher's attempts into `/metrics`.
 struct MetricsObserver(Arc<batchd_api::Metrics>);
+
+impl DeliveryObserver for MetricsObserver {
+    fn attempt_recorded(&self, event_type: &str, outcome: &str, latency: Duration) {
+        self.0.webhook_attempt(event_type, outcome, latency);
+    }
+}
 
 impl ExecutorObserver for MetricsObserver {
     fn item_started(&self, queue: &str, pickup: Duration) {
@@ -294,6 +326,7 @@ pub struct ServerHandle {
     http: actix_web::dev::ServerHandle,
     http_task: JoinHandle<std::io::Result<()>>,
     executor: ExecutorHandle,
+    dispatcher: DispatcherHandle,
     maintenance: JoinHandle<()>,
     stop_maintenance: CancellationToken,
     grace: Duration,
@@ -310,9 +343,10 @@ impl ServerHandle {
         &self.store
     }
 
-    /// Stops accepting connections and claiming items; in-flight requests and running
-    /// items get `server.shutdown_grace_ms` to finish, items still running then are handed
-    /// back without spending an attempt; joins every task.
+    /// Stops accepting connections and claiming items and deliveries; in-flight requests and
+    /// running items get `server.shutdown_grace_ms` to finish, items still running then are
+    /// handed back without spending an attempt; webhook attempts in flight finish within
+    /// `webhooks.timeout_ms`; joins every task.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         tracing::info!(grace_ms = self.grace.as_millis(), "shutting down");
         // Long polls answer now rather than hold the stop up.
@@ -325,7 +359,7 @@ impl ServerHandle {
             }
             join(self.http_task).await
         };
-        let (http, ()) = tokio::join!(http_stop, self.executor.shutdown());
+        let (http, (), ()) = tokio::join!(http_stop, self.executor.shutdown(), self.dispatcher.shutdown());
         self.stop_maintenance.cancel();
         let _ = self.maintenance.await;
         http?;
@@ -337,6 +371,7 @@ impl ServerHandle {
     pub async fn wait(self) -> anyhow::Result<()> {
         let http = join(self.http_task).await;
         self.executor.shutdown().await;
+        self.dispatcher.shutdown().await;
         self.stop_maintenance.cancel();
         let _ = self.maintenance.await;
         http
@@ -348,6 +383,7 @@ impl ServerHandle {
         tokio::select! {
             ended = &mut self.http_task => {
                 self.executor.shutdown().await;
+                self.dispatcher.shutdown().await;
                 self.stop_maintenance.cancel();
                 let _ = self.maintenance.await;
                 return joined(ended);

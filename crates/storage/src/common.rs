@@ -19,14 +19,15 @@ use std::time::Duration;
 
 use batchd_domain::transition::{batch as batch_sm, item as item_sm};
 use batchd_domain::{
-    BatchStatus, CancelReason, Counts, EventType, FailureDecision, ItemStatus, JsonMap, Mode, OnItemFailure,
+    BatchStatus, CancelReason, Counts, DeliveryStatus, EventType, FailureDecision, ItemStatus, JsonMap, Mode,
+    OnItemFailure,
 };
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-use self::schema::{batches, events, items, queue_states, webhook_deliveries};
+use self::schema::{batches, events, items, queue_states, webhook_attempts, webhook_deliveries};
 use crate::model::*;
 use crate::notify::Notice;
 use crate::{Readiness, StoreError};
@@ -202,6 +203,36 @@ struct NewDeliveryRow {
     next_attempt_at: Option<OffsetDateTime>,
     created_at: OffsetDateTime,
     updated_at: OffsetDateTime,
+}
+
+/// A stored webhook delivery (the columns the dispatcher and the API read).
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = webhook_deliveries)]
+struct DeliveryRow {
+    id: String,
+    batch_id: String,
+    event_seq: i64,
+    event_type: String,
+    item_id: Option<String>,
+    url: String,
+    payload: String,
+    status: String,
+    attempts: i32,
+    next_attempt_at: Option<OffsetDateTime>,
+    created_at: OffsetDateTime,
+    updated_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = webhook_attempts, treat_none_as_default_value = false)]
+struct AttemptRow {
+    delivery_id: String,
+    attempt: i32,
+    at: OffsetDateTime,
+    status_code: Option<i32>,
+    latency_ms: i64,
+    error: Option<String>,
+    response_body: Option<String>,
 }
 
 impl ItemRow {
@@ -598,6 +629,9 @@ async fn save_batch(c: &mut Conn, t: &mut Touched, now: OffsetDateTime) -> Resul
     t.row.updated_at = now;
     diesel::update(batches::table.find(&t.row.id)).set(t.row.state()).execute(c).await?;
     insert_chunked!(c, events::table, std::mem::take(&mut t.events));
+    if !t.deliveries.is_empty() {
+        notices.push(Notice::Webhooks);
+    }
     insert_chunked!(c, webhook_deliveries::table, std::mem::take(&mut t.deliveries));
     notices.push(Notice::Events { batch_id: t.row.id.clone() });
     let (old, new) = (t.before.status.as_str(), t.row.status.as_str());
@@ -1814,6 +1848,218 @@ impl crate::Store for ThisStore {
         })
         .await
     }
+
+    async fn claim_deliveries(&self, max: usize, lease: Duration) -> Result<Vec<DueDelivery>, StoreError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let now = self.now();
+        let lease_expires_at = now + lease;
+        // Most polls find nothing: look on a reader first and leave the writer alone.
+        let due = due_deliveries(now)
+            .select(webhook_deliveries::id)
+            .first::<String>(&mut *self.read_conn().await?)
+            .await
+            .optional()?;
+        if due.is_none() {
+            return Ok(Vec::new());
+        }
+        self.write(move |c| {
+            Box::pin(async move {
+                let ids: Vec<String> = skip_locked!(
+                    webhook_deliveries::table
+                        .filter(webhook_deliveries::status.eq(DeliveryStatus::Pending.as_str()))
+                        .filter(webhook_deliveries::next_attempt_at.le(now))
+                        .filter(
+                            webhook_deliveries::lease_expires_at
+                                .is_null()
+                                .or(webhook_deliveries::lease_expires_at.le(now)),
+                        )
+                        .order((webhook_deliveries::next_attempt_at.asc(), webhook_deliveries::id.asc()))
+                        .limit(max.min(1_000) as i64)
+                        .select(webhook_deliveries::id)
+                )
+                .load(c)
+                .await?;
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let lease_token = batchd_domain::new_lease_token();
+                    diesel::update(webhook_deliveries::table.find(&id))
+                        .set((
+                            webhook_deliveries::lease_token.eq(&lease_token),
+                            webhook_deliveries::lease_expires_at.eq(lease_expires_at),
+                            webhook_deliveries::updated_at.eq(now),
+                        ))
+                        .execute(c)
+                        .await?;
+                    let (row, secret): (DeliveryRow, Option<String>) = webhook_deliveries::table
+                        .inner_join(batches::table)
+                        .filter(webhook_deliveries::id.eq(&id))
+                        .select((DeliveryRow::as_select(), batches::webhook_secret))
+                        .first(c)
+                        .await?;
+                    out.push(DueDelivery {
+                        event_type: row.event_type.parse()?,
+                        id: row.id,
+                        batch_id: row.batch_id,
+                        item_id: row.item_id,
+                        url: row.url,
+                        payload: row.payload,
+                        secret,
+                        attempts: row.attempts,
+                        lease_token,
+                        lease_expires_at,
+                        created_at: row.created_at,
+                    });
+                }
+                Ok((out, Vec::new()))
+            })
+        })
+        .await
+    }
+
+    async fn record_delivery_attempt(
+        &self,
+        delivery_id: &str,
+        lease_token: &str,
+        attempt: DeliveryAttempt,
+        next: DeliveryNext,
+    ) -> Result<bool, StoreError> {
+        let now = self.now();
+        let delivery_id = delivery_id.to_owned();
+        let lease_token = lease_token.to_owned();
+        self.write(move |c| {
+            Box::pin(async move {
+                let held: Option<i32> = locked!(
+                    webhook_deliveries::table
+                        .filter(webhook_deliveries::id.eq(&delivery_id))
+                        .filter(webhook_deliveries::status.eq(DeliveryStatus::Pending.as_str()))
+                        .filter(webhook_deliveries::lease_token.eq(&lease_token))
+                        .select(webhook_deliveries::attempts)
+                )
+                .first(c)
+                .await
+                .optional()?;
+                let Some(attempts) = held else {
+                    return Ok((false, Vec::new()));
+                };
+                let number = attempts + 1;
+                diesel::insert_into(webhook_attempts::table)
+                    .values(AttemptRow {
+                        delivery_id: delivery_id.clone(),
+                        attempt: number,
+                        at: attempt.at,
+                        status_code: attempt.status_code,
+                        latency_ms: attempt.latency_ms,
+                        error: attempt.error,
+                        response_body: attempt.response_body,
+                    })
+                    .execute(c)
+                    .await?;
+                let (status, next_attempt_at) = match next {
+                    DeliveryNext::Delivered => (DeliveryStatus::Delivered, None),
+                    DeliveryNext::Failed => (DeliveryStatus::Failed, None),
+                    DeliveryNext::RetryAt(at) => (DeliveryStatus::Pending, Some(at)),
+                };
+                diesel::update(webhook_deliveries::table.find(&delivery_id))
+                    .set((
+                        webhook_deliveries::status.eq(status.as_str()),
+                        webhook_deliveries::attempts.eq(number),
+                        webhook_deliveries::next_attempt_at.eq(next_attempt_at),
+                        webhook_deliveries::lease_token.eq(None::<String>),
+                        webhook_deliveries::lease_expires_at.eq(None::<OffsetDateTime>),
+                        webhook_deliveries::updated_at.eq(now),
+                    ))
+                    .execute(c)
+                    .await?;
+                Ok((true, Vec::new()))
+            })
+        })
+        .await
+    }
+
+    async fn list_deliveries(
+        &self,
+        scope: Scope<'_>,
+        batch_id: &str,
+        page: &PageRequest,
+    ) -> Result<Page<DeliveryRecord>, StoreError> {
+        let mut conn = self.read_conn().await?;
+        find_visible_batch(&mut conn, scope, batch_id).await?;
+        let mut q = webhook_deliveries::table
+            .filter(webhook_deliveries::batch_id.eq(batch_id.to_owned()))
+            .select(DeliveryRow::as_select())
+            .into_boxed();
+        if let Some(cursor) = &page.cursor {
+            let after: i64 = cursor.parse().map_err(|_| bad_cursor())?;
+            q = q.filter(webhook_deliveries::event_seq.gt(after));
+        }
+        let limit = page_limit(page);
+        let mut rows: Vec<DeliveryRow> = q
+            .order((webhook_deliveries::event_seq.asc(), webhook_deliveries::id.asc()))
+            .limit(limit + 1)
+            .load(&mut *conn)
+            .await?;
+        let next_cursor = if rows.len() as i64 > limit {
+            rows.truncate(limit as usize);
+            rows.last().map(|r| r.event_seq.to_string())
+        } else {
+            None
+        };
+        let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+        let attempt_rows: Vec<AttemptRow> = webhook_attempts::table
+            .filter(webhook_attempts::delivery_id.eq_any(ids))
+            .order((webhook_attempts::delivery_id.asc(), webhook_attempts::attempt.asc()))
+            .select(AttemptRow::as_select())
+            .load(&mut *conn)
+            .await?;
+        let mut attempts: HashMap<String, Vec<AttemptRecord>> = HashMap::new();
+        for a in attempt_rows {
+            attempts.entry(a.delivery_id).or_default().push(AttemptRecord {
+                attempt: a.attempt,
+                at: a.at,
+                status_code: a.status_code,
+                latency_ms: a.latency_ms,
+                error: a.error,
+                response_body: a.response_body,
+            });
+        }
+        let rows = rows
+            .into_iter()
+            .map(|r| {
+                Ok(DeliveryRecord {
+                    event_type: r.event_type.parse()?,
+                    status: r.status.parse()?,
+                    attempts: attempts.remove(&r.id).unwrap_or_default(),
+                    id: r.id,
+                    batch_id: r.batch_id,
+                    event_seq: r.event_seq,
+                    item_id: r.item_id,
+                    next_attempt_at: r.next_attempt_at,
+                    created_at: r.created_at,
+                    updated_at: r.updated_at,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok(Page { rows, next_cursor })
+    }
+}
+
+/// Pending deliveries whose next attempt is due and whose lease (if any) has expired, oldest
+/// due first.
+fn due_deliveries(
+    now: OffsetDateTime,
+) -> webhook_deliveries::BoxedQuery<'static, <Conn as diesel_async::AsyncConnectionCore>::Backend> {
+    webhook_deliveries::table
+        .filter(webhook_deliveries::status.eq(DeliveryStatus::Pending.as_str()))
+        .filter(webhook_deliveries::next_attempt_at.le(now))
+        .filter(
+            webhook_deliveries::lease_expires_at
+                .is_null()
+                .or(webhook_deliveries::lease_expires_at.le(now)),
+        )
+        .order((webhook_deliveries::next_attempt_at.asc(), webhook_deliveries::id.asc()))
+        .into_boxed()
 }
 
 /// Why a lease holder no longer holds its lease.

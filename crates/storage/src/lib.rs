@@ -217,4 +217,27 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Deletes batches that ended before `before`, with their items, events and deliveries.
     async fn purge_finished(&self, before: OffsetDateTime) -> Result<usize, StoreError>;
+
+    /// Claims up to `max` due webhook deliveries (pending, `next_attempt_at` passed, no live
+    /// lease), leasing each for `lease` with a fresh token: several dispatchers never get the
+    /// same one while its lease holds. An expired lease (its dispatcher died) is claimable again.
+    async fn claim_deliveries(&self, max: usize, lease: Duration) -> Result<Vec<DueDelivery>, StoreError>;
+
+    /// Records one attempt of a claimed delivery and what comes next, in one transaction,
+    /// while `lease_token` still holds it; `Ok(false)` (nothing written) when it does not.
+    async fn record_delivery_attempt(
+        &self,
+        delivery_id: &str,
+        lease_token: &str,
+        attempt: DeliveryAttempt,
+        next: DeliveryNext,
+    ) -> Result<bool, StoreError>;
+
+    /// A batch's webhook deliveries in event order, each with its attempts.
+    async fn list_deliveries(
+        &self,
+        scope: Scope<'_>,
+        batch_id: &str,
+        page: &PageRequest,
+    ) -> Result<Page<DeliveryRecord>, StoreError>;
 }

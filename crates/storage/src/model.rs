@@ -290,3 +290,84 @@ pub struct QueueStats {
     pub completed_last_minute: i64,
     pub oldest_pending_at: Option<OffsetDateTime>,
 }
+
+/// A webhook delivery claimed for one attempt: what the dispatcher sends, and the lease
+/// that lets it record the outcome.
+#[derive(Clone)]
+pub struct DueDelivery {
+    pub id: String,
+    pub batch_id: String,
+    pub event_type: EventType,
+    pub item_id: Option<String>,
+    pub url: String,
+    /// The exact body, the same on every attempt.
+    pub payload: String,
+    /// The batch's webhook secret, as submitted; `None`: unsigned.
+    pub secret: Option<String>,
+    /// Attempts made before this one.
+    pub attempts: i32,
+    pub lease_token: String,
+    pub lease_expires_at: OffsetDateTime,
+    pub created_at: OffsetDateTime,
+}
+
+impl std::fmt::Debug for DueDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DueDelivery")
+            .field("id", &self.id)
+            .field("batch_id", &self.batch_id)
+            .field("event_type", &self.event_type)
+            .field("url", &self.url)
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One attempt to deliver a webhook, as the dispatcher saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryAttempt {
+    pub at: OffsetDateTime,
+    /// The receiver's status; `None` when no answer came.
+    pub status_code: Option<i32>,
+    pub latency_ms: i64,
+    pub error: Option<String>,
+    /// The first KiB of the answer.
+    pub response_body: Option<String>,
+}
+
+/// What becomes of a delivery after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryNext {
+    /// Acknowledged: never sent again.
+    Delivered,
+    /// Tried again at this time.
+    RetryAt(OffsetDateTime),
+    /// Given up.
+    Failed,
+}
+
+/// A recorded attempt, numbered from 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRecord {
+    pub attempt: i32,
+    pub at: OffsetDateTime,
+    pub status_code: Option<i32>,
+    pub latency_ms: i64,
+    pub error: Option<String>,
+    pub response_body: Option<String>,
+}
+
+/// A webhook delivery with its attempts, as `GET /v1/batches/{id}/webhooks` lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryRecord {
+    pub id: String,
+    pub batch_id: String,
+    pub event_seq: i64,
+    pub event_type: EventType,
+    pub item_id: Option<String>,
+    pub status: batchd_domain::DeliveryStatus,
+    pub attempts: Vec<AttemptRecord>,
+    pub next_attempt_at: Option<OffsetDateTime>,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}

@@ -19,6 +19,8 @@ pub enum Notice {
     Events { batch_id: String },
     /// A queue was paused or resumed.
     Queue { queue: String },
+    /// Webhook deliveries were written: a dispatcher should look for due ones.
+    Webhooks,
     /// Notices may have been missed (the PostgreSQL listener reconnected): every waiter
     /// should look again.
     Resync,
@@ -32,6 +34,7 @@ impl Notice {
             Notice::Control { batch_id } => format!("c:{batch_id}"),
             Notice::Events { batch_id } => format!("e:{batch_id}"),
             Notice::Queue { queue } => format!("q:{queue}"),
+            Notice::Webhooks => "h:".to_owned(),
             Notice::Resync => "r:".to_owned(),
         }
     }
@@ -44,6 +47,7 @@ impl Notice {
             "c" => Notice::Control { batch_id: rest },
             "e" => Notice::Events { batch_id: rest },
             "q" => Notice::Queue { queue: rest },
+            "h" => Notice::Webhooks,
             "r" => Notice::Resync,
             _ => return None,
         })
@@ -92,6 +96,7 @@ mod tests {
             Notice::Queue {
                 queue: "default".into(),
             },
+            Notice::Webhooks,
             Notice::Resync,
         ] {
             assert_eq!(Notice::decode(&n.encode()), Some(n));

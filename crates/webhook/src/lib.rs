@@ -1,10 +1,18 @@
 #![doc = include_str!("../README.md")]
 
+mod backoff;
+mod destination;
+mod dispatch;
 mod error;
 mod secret;
 mod sign;
 mod verify;
 
+pub use backoff::{MAX_RETRY_AFTER, backoff_cap, parse_retry_after, retry_delay};
+pub use destination::{DestinationError, check_submitted_url, is_non_public};
+pub use dispatch::{
+    DeliveryObserver, DispatchError, Dispatcher, DispatcherConfig, DispatcherHandle, RESPONSE_EXCERPT_BYTES,
+};
 pub use error::{SecretError, VerifyError};
 pub use secret::Secret;
 pub use sign::{Signatures, sign};

@@ -5,4 +5,5 @@ mod batches;
 mod cli;
 mod serve;
 mod support;
+mod webhooks;
 mod worker;

@@ -21,6 +21,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/batches/{id}/items"),
     ("get", "/v1/batches/{id}/events"),
     ("get", "/v1/batches/{id}/events/stream"),
+    ("get", "/v1/batches/{id}/webhooks"),
     ("get", "/v1/items"),
     ("get", "/v1/items/{id}"),
     ("post", "/v1/items/{id}/cancel"),

@@ -497,6 +497,7 @@ async fn tenants_never_see_each_other(db: Db) {
         format!("/v1/batches/{id}/items"),
         format!("/v1/batches/{id}/events"),
         format!("/v1/batches/{id}/events/stream"),
+        format!("/v1/batches/{id}/webhooks"),
         format!("/v1/items/{item}"),
     ] {
         assert_error(&send(&app, as_tenant(get(&uri), "key-b")).await, 404, "not_found");

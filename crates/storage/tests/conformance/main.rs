@@ -9,3 +9,4 @@ mod claims;
 mod concurrency;
 mod control;
 mod crash;
+mod webhooks;

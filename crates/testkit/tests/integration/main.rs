@@ -8,6 +8,7 @@ mod events;
 mod pull;
 mod push;
 mod server;
+mod webhooks;
 
 use std::time::Duration;
 
