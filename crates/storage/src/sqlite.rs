@@ -54,7 +54,8 @@ macro_rules! write_tx {
 }
 
 /// A store on one SQLite file.
-/// Writes changed item rows back, all in one trip to the blocking pool.
+/// Writes changed item rows back, all in one trip to the blocking pool, with one prepared
+/// statement (see [`SaveItem`]).
 async fn save_items(c: &mut Conn, rows: Vec<ItemRow>) -> Result<Vec<ItemRow>, StoreError> {
     if rows.is_empty() {
         return Ok(rows);
@@ -62,15 +63,76 @@ async fn save_items(c: &mut Conn, rows: Vec<ItemRow>) -> Result<Vec<ItemRow>, St
     let rows = c
         .spawn_blocking(move |conn| {
             for row in &rows {
-                diesel::RunQueryDsl::execute(
-                    diesel::update(items::table.filter(items::seq.eq(row.seq))).set(row.state()),
-                    conn,
-                )?;
+                diesel::RunQueryDsl::execute(SaveItem(row), conn)?;
             }
             Ok(rows)
         })
         .await?;
     Ok(rows)
+}
+
+/// `UPDATE items SET <every column that changes after insert> WHERE seq = ?`. Diesel's own
+/// update statements are never kept in its statement cache, so each would be parsed again;
+/// this one has a fixed text and a static query id, so SQLite prepares it once per
+/// connection.
+struct SaveItem<'a>(&'a ItemRow);
+
+impl<Conn> diesel::RunQueryDsl<Conn> for SaveItem<'_> {}
+
+impl diesel::query_builder::QueryId for SaveItem<'_> {
+    type QueryId = SaveItem<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for SaveItem<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::{BigInt, Bool, Integer, Json, Nullable, Text, TimestamptzSqlite};
+        let row = self.0;
+        out.push_sql("UPDATE items SET status = ");
+        out.push_bind_param::<Text, _>(&row.status)?;
+        out.push_sql(", blocked = ");
+        out.push_bind_param::<Bool, _>(&row.blocked)?;
+        out.push_sql(", attempts = ");
+        out.push_bind_param::<Integer, _>(&row.attempts)?;
+        out.push_sql(", next_attempt_at = ");
+        out.push_bind_param::<Nullable<TimestamptzSqlite>, _>(&row.next_attempt_at)?;
+        out.push_sql(", lease_owner = ");
+        out.push_bind_param::<Nullable<Text>, _>(&row.lease_owner)?;
+        out.push_sql(", lease_token = ");
+        out.push_bind_param::<Nullable<Text>, _>(&row.lease_token)?;
+        out.push_sql(", lease_expires_at = ");
+        out.push_bind_param::<Nullable<TimestamptzSqlite>, _>(&row.lease_expires_at)?;
+        out.push_sql(", step = ");
+        out.push_bind_param::<Nullable<Text>, _>(&row.step)?;
+        out.push_sql(", message = ");
+        out.push_bind_param::<Nullable<Text>, _>(&row.message)?;
+        out.push_sql(", progress_current = ");
+        out.push_bind_param::<Nullable<BigInt>, _>(&row.progress_current)?;
+        out.push_sql(", progress_total = ");
+        out.push_bind_param::<Nullable<BigInt>, _>(&row.progress_total)?;
+        out.push_sql(", result = ");
+        out.push_bind_param::<Nullable<Json>, _>(&row.result)?;
+        out.push_sql(", error = ");
+        out.push_bind_param::<Nullable<Text>, _>(&row.error)?;
+        out.push_sql(", question = ");
+        out.push_bind_param::<Nullable<Json>, _>(&row.question)?;
+        out.push_sql(", answer = ");
+        out.push_bind_param::<Nullable<Json>, _>(&row.answer)?;
+        out.push_sql(", cancel_reason = ");
+        out.push_bind_param::<Nullable<Text>, _>(&row.cancel_reason)?;
+        out.push_sql(", started_at = ");
+        out.push_bind_param::<Nullable<TimestamptzSqlite>, _>(&row.started_at)?;
+        out.push_sql(", updated_at = ");
+        out.push_bind_param::<TimestamptzSqlite, _>(&row.updated_at)?;
+        out.push_sql(", completed_at = ");
+        out.push_bind_param::<Nullable<TimestamptzSqlite>, _>(&row.completed_at)?;
+        out.push_sql(" WHERE seq = ");
+        out.push_bind_param::<BigInt, _>(&row.seq)?;
+        Ok(())
+    }
 }
 
 #[derive(Clone)]
