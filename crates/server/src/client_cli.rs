@@ -378,7 +378,7 @@ fn describe_submitted(batch: &SubmitResponse, replayed: bool) -> String {
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value).context("cannot print JSON")?);
+    println!("{}", serde_json::to_string(value).context("cannot print JSON")?);
     Ok(())
 }
 

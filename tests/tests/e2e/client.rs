@@ -180,6 +180,19 @@ async fn watch_exits_2_when_the_batch_fails_and_retry_sends_it_back() {
     assert_eq!(watched.status.code(), Some(2), "{watched:?}");
     assert_eq!(json_of(&watched)["status"], "failed");
 
+    // With --json, the submit reply and the ended batch are two lines of JSON.
+    let both = run_client(dir.path(), &server, &["submit", "batch.json", "--watch", "--json"]).await;
+    assert_eq!(both.status.code(), Some(2), "{both:?}");
+    let lines: Vec<Value> = both
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{both:?}");
+    assert_eq!(lines[0]["total_items"], 1);
+    assert_eq!(lines[1]["id"], lines[0]["id"]);
+    assert_eq!(lines[1]["status"], "failed");
+
     let retried = run_client(dir.path(), &server, &["retry", &id, "--json"]).await;
     assert_eq!(retried.status.code(), Some(0), "{retried:?}");
     assert_ne!(json_of(&retried)["status"], "failed", "{retried:?}");
