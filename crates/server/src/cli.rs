@@ -1,5 +1,6 @@
-//! The `batchd` command line: `serve` (the default), `migrate`, `config check`, `worker` and
-//! `bench`.
+//! The `batchd` command line: `serve` (the default), `migrate`, `config check`, `worker`,
+//! `bench`, and the client commands (`submit`, `status`, `events`, `cancel`, `pause`,
+//! `resume`, `retry`, `queues`) that talk to a running server.
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -12,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::bench::{self, BenchBackend, BenchOptions};
+use crate::client_cli::{self, Control, ControlArgs, EventsArgs, NotCompleted, QueuesArgs, StatusArgs, SubmitArgs};
 use crate::run::{self, check_open_mode, shutdown_signal, start};
 use crate::settings::{Overrides, Settings};
 use crate::telemetry::init_logging;
@@ -45,6 +47,22 @@ enum Command {
     /// variables; its stdout (JSON, else text) is the result, each stderr line an item.log
     /// event; exit code 0 completes the item, any other fails the attempt.
     Worker(WorkerArgs),
+    /// Submit a batch from a JSON or JSON Lines file
+    Submit(SubmitArgs),
+    /// Show a batch: status, progress and counts
+    Status(StatusArgs),
+    /// Print a batch's event timeline
+    Events(EventsArgs),
+    /// Cancel a batch
+    Cancel(ControlArgs),
+    /// Pause a batch: no new item starts
+    Pause(ControlArgs),
+    /// Resume a paused batch
+    Resume(ControlArgs),
+    /// Send a batch's failed items back to pending
+    Retry(ControlArgs),
+    /// List the queues: depth, running, throughput, oldest pending
+    Queues(QueuesArgs),
 }
 
 #[derive(Debug, Args)]
@@ -149,6 +167,8 @@ pub fn run_cli() -> ExitCode {
     let cli = Cli::parse();
     match cli.run() {
         Ok(()) => ExitCode::SUCCESS,
+        // The batch was printed already; the code says how it ended.
+        Err(error) if error.is::<NotCompleted>() => ExitCode::from(2),
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
@@ -166,6 +186,14 @@ impl Cli {
             Some(Command::Config(ConfigCommand::Check(args))) => config_check(&args),
             Some(Command::Bench(args)) => bench(args),
             Some(Command::Worker(args)) => worker(args),
+            Some(Command::Submit(args)) => client(client_cli::submit(args)),
+            Some(Command::Status(args)) => client(client_cli::status(args)),
+            Some(Command::Events(args)) => client(client_cli::events(args)),
+            Some(Command::Cancel(args)) => client(client_cli::control(Control::Cancel, args)),
+            Some(Command::Pause(args)) => client(client_cli::control(Control::Pause, args)),
+            Some(Command::Resume(args)) => client(client_cli::control(Control::Resume, args)),
+            Some(Command::Retry(args)) => client(client_cli::control(Control::Retry, args)),
+            Some(Command::Queues(args)) => client(client_cli::queues(args)),
         }
     }
 }
@@ -299,6 +327,21 @@ fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     })
 }
 
+/// Runs a client command: logs only as `BATCHD__LOG__*` asks (warnings by default), on a
+/// runtime of its own.
+fn client(command: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let mut log = load(None, &Overrides::default())?.log;
+    if std::env::var_os("BATCHD__LOG__LEVEL").is_none() {
+        log.level = "warn".to_owned();
+    }
+    init_logging(&log)?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(command)
+}
+
 fn config_check(args: &ConfigArgs) -> anyhow::Result<()> {
     let settings = load(args.config.as_deref(), &Overrides::default())?;
     check_open_mode(&settings.auth, settings.server.bind)?;
@@ -355,5 +398,39 @@ mod tests {
             "a command is required"
         );
         assert!(Cli::try_parse_from(["batchd", "worker", "--queue", "q", "--concurrency", "0", "--", "x"]).is_err());
+    }
+
+    #[test]
+    fn client_commands_take_an_id_or_a_file_and_the_server_flags() {
+        let cli = Cli::try_parse_from([
+            "batchd",
+            "submit",
+            "items.jsonl",
+            "--queue",
+            "emails",
+            "--mode",
+            "sequential",
+            "--priority",
+            "-3",
+            "--watch",
+            "--server",
+            "http://127.0.0.1:9",
+        ])
+        .expect("parses");
+        assert!(matches!(cli.command, Some(Command::Submit(_))));
+        for command in ["status", "events", "cancel", "pause", "resume", "retry"] {
+            assert!(
+                Cli::try_parse_from(["batchd", command, "some-id", "--json", "--token", "t"]).is_ok(),
+                "{command}"
+            );
+            assert!(
+                Cli::try_parse_from(["batchd", command]).is_err(),
+                "{command} needs an id"
+            );
+        }
+        assert!(Cli::try_parse_from(["batchd", "events", "id", "--follow", "--after", "7"]).is_ok());
+        assert!(Cli::try_parse_from(["batchd", "status", "id", "--follow"]).is_err());
+        assert!(Cli::try_parse_from(["batchd", "submit", "f", "--mode", "sideways"]).is_err());
+        assert!(Cli::try_parse_from(["batchd", "queues"]).is_ok());
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod bench;
 mod cli;
+mod client_cli;
 mod run;
 mod secret;
 mod settings;

@@ -3,6 +3,7 @@
 
 mod batches;
 mod cli;
+mod client;
 mod serve;
 mod support;
 mod webhooks;
