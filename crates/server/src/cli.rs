@@ -281,7 +281,14 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         large_items: args.large_items,
         status_calls: args.status_calls,
     };
-    let report = runtime()?.block_on(bench::run(options))?;
+    // Interrupted, the run is dropped: its database and files go with it.
+    let report = runtime()?.block_on(async move {
+        let signal = shutdown_signal()?;
+        tokio::select! {
+            report = bench::run(options) => report,
+            () = signal => anyhow::bail!("interrupted"),
+        }
+    })?;
     if args.json {
         println!("{}", serde_json::to_string(&report).context("cannot print the report")?);
     } else {
