@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::run::{ServerHandle, start_with};
-use crate::settings::{Overrides, QueueDefaults, QueueSettings, Settings};
+use crate::settings::{Overrides, QueueSettings, Settings};
 
 /// The no-op queue of the end-to-end run.
 const NOOP_QUEUE: &str = "bench";
@@ -301,7 +301,7 @@ fn bench_settings(options: &BenchOptions, url: &str) -> anyhow::Result<Settings>
         concurrency: u32::try_from(concurrency).unwrap_or(u32::MAX),
         max_items: batch_size.max(1_000),
         max_attempts: 1,
-        ..queue_from_defaults(&settings.queue_defaults)
+        ..QueueSettings::from_defaults(&settings.queue_defaults)
     };
     let queues = [
         (NOOP_QUEUE, queue("bench-noop", options.concurrency)),
@@ -312,24 +312,6 @@ fn bench_settings(options: &BenchOptions, url: &str) -> anyhow::Result<Settings>
         settings.queues.insert(name.to_owned(), queue);
     }
     Ok(settings)
-}
-
-fn queue_from_defaults(defaults: &QueueDefaults) -> QueueSettings {
-    QueueSettings {
-        handler: "demo".to_owned(),
-        concurrency: defaults.concurrency,
-        rate_per_second: defaults.rate_per_second,
-        burst: defaults.burst,
-        timeout_ms: defaults.timeout_ms,
-        max_attempts: defaults.max_attempts,
-        backoff_base_ms: defaults.backoff_base_ms,
-        backoff_max_ms: defaults.backoff_max_ms,
-        max_items: defaults.max_items,
-        lease_ms: defaults.lease_ms,
-        url: None,
-        secret: None,
-        defaults: Default::default(),
-    }
 }
 
 async fn measure(

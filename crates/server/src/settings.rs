@@ -250,6 +250,28 @@ pub struct QueueSettings {
     pub defaults: JsonMap,
 }
 
+impl QueueSettings {
+    /// A queue as `[queues.<name>]` with no keys of its own: the `demo` handler and every
+    /// other value from `[queue_defaults]`.
+    pub fn from_defaults(defaults: &QueueDefaults) -> Self {
+        Self {
+            handler: "demo".to_owned(),
+            concurrency: defaults.concurrency,
+            rate_per_second: defaults.rate_per_second,
+            burst: defaults.burst,
+            timeout_ms: defaults.timeout_ms,
+            max_attempts: defaults.max_attempts,
+            backoff_base_ms: defaults.backoff_base_ms,
+            backoff_max_ms: defaults.backoff_max_ms,
+            max_items: defaults.max_items,
+            lease_ms: defaults.lease_ms,
+            url: None,
+            secret: None,
+            defaults: JsonMap::new(),
+        }
+    }
+}
+
 /// `[auth]` as written: roles are checked with the other rules, so that a wrong one is
 /// reported with its key like every other problem.
 #[derive(Debug, Default, Deserialize)]

@@ -104,7 +104,7 @@ impl TestServerBuilder {
             let queue = settings
                 .queues
                 .entry(name)
-                .or_insert_with(|| new_queue(&settings.queue_defaults));
+                .or_insert_with(|| QueueSettings::from_defaults(&settings.queue_defaults));
             edit(queue);
         })
     }
@@ -158,25 +158,6 @@ impl TestServerBuilder {
             settings,
             backend: self.backend,
         }))
-    }
-}
-
-/// A queue as `[queues.<name>]` with no keys of its own: every value from `[queue_defaults]`.
-fn new_queue(defaults: &batchd_server::QueueDefaults) -> QueueSettings {
-    QueueSettings {
-        handler: "demo".to_owned(),
-        concurrency: defaults.concurrency,
-        rate_per_second: defaults.rate_per_second,
-        burst: defaults.burst,
-        timeout_ms: defaults.timeout_ms,
-        max_attempts: defaults.max_attempts,
-        backoff_base_ms: defaults.backoff_base_ms,
-        backoff_max_ms: defaults.backoff_max_ms,
-        max_items: defaults.max_items,
-        lease_ms: defaults.lease_ms,
-        url: None,
-        secret: None,
-        defaults: Default::default(),
     }
 }
 
