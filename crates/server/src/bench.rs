@@ -54,6 +54,16 @@ pub enum BenchBackend {
     Postgres,
 }
 
+impl BenchBackend {
+    /// `sqlite` or `postgres`, as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchBackend::Sqlite => "sqlite",
+            BenchBackend::Postgres => "postgres",
+        }
+    }
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -632,9 +642,9 @@ pub fn render(report: &BenchReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "batchd {} bench on {:?} ({}), {} cores{}, {} build",
+        "batchd {} bench on {} ({}), {} cores{}, {} build",
         m.batchd_version,
-        m.backend,
+        m.backend.name(),
         m.database,
         m.cores,
         m.cpu.as_deref().map(|c| format!(" ({c})")).unwrap_or_default(),
@@ -748,6 +758,7 @@ mod tests {
         );
         let table = render(&report);
         assert!(table.contains("end to end, no-op items"), "{table}");
+        assert!(table.contains("bench on sqlite (SQLite 3."), "{table}");
         let json = serde_json::to_value(&report).expect("the report serializes");
         assert_eq!(json["machine"]["backend"], "sqlite");
     }
