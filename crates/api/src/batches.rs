@@ -9,6 +9,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::auth::Caller;
+use crate::openapi::{BatchCallErrors, BatchStateConflict};
 use crate::params::{PageParams, Query};
 use crate::views::{batch_view, event_view, item_view};
 use crate::{ApiError, ApiState};
@@ -279,9 +280,7 @@ async fn batch_with_current(
     ),
     responses(
         (status = 200, description = "The batch", body = BatchView),
-        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
-        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such batch in the caller's tenant", body = ErrorBody),
+        BatchCallErrors,
     ),
     security(("bearer" = [])),
 )]
@@ -304,11 +303,8 @@ async fn get(state: web::Data<ApiState>, caller: Caller, id: web::Path<String>) 
     ),
     responses(
         (status = 200, description = "The batch", body = BatchView),
-        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
-        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such batch in the caller's tenant", body = ErrorBody),
-        (status = 409, description = "`invalid_state`: the batch's status forbids it; `current_status` says what it is",
-            body = ErrorBody),
+        BatchCallErrors,
+        BatchStateConflict,
     ),
     security(("bearer" = [])),
 )]
@@ -330,11 +326,8 @@ async fn cancel(state: web::Data<ApiState>, caller: Caller, id: web::Path<String
     ),
     responses(
         (status = 200, description = "The batch", body = BatchView),
-        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
-        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such batch in the caller's tenant", body = ErrorBody),
-        (status = 409, description = "`invalid_state`: the batch's status forbids it; `current_status` says what it is",
-            body = ErrorBody),
+        BatchCallErrors,
+        BatchStateConflict,
     ),
     security(("bearer" = [])),
 )]
@@ -356,11 +349,8 @@ async fn pause(state: web::Data<ApiState>, caller: Caller, id: web::Path<String>
     ),
     responses(
         (status = 200, description = "The batch", body = BatchView),
-        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
-        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such batch in the caller's tenant", body = ErrorBody),
-        (status = 409, description = "`invalid_state`: the batch's status forbids it; `current_status` says what it is",
-            body = ErrorBody),
+        BatchCallErrors,
+        BatchStateConflict,
     ),
     security(("bearer" = [])),
 )]
@@ -384,11 +374,8 @@ async fn resume(state: web::Data<ApiState>, caller: Caller, id: web::Path<String
     ),
     responses(
         (status = 200, description = "The batch", body = BatchView),
-        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
-        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such batch in the caller's tenant", body = ErrorBody),
-        (status = 409, description = "`invalid_state`: the batch's status forbids it; `current_status` says what it is",
-            body = ErrorBody),
+        BatchCallErrors,
+        BatchStateConflict,
     ),
     security(("bearer" = [])),
 )]
@@ -429,9 +416,7 @@ struct ItemFilterParams {
         (status = 200, description = "A page of items", body = ItemList),
         (status = 400, description = "`validation_error`: a query parameter is not valid; each issue names it",
             body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
-        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such batch in the caller's tenant", body = ErrorBody),
+        BatchCallErrors,
     ),
     security(("bearer" = [])),
 )]
@@ -487,9 +472,7 @@ struct EventsParams {
         (status = 200, description = "Events in `seq` order", body = EventList),
         (status = 400, description = "`validation_error`: a query parameter is not valid; each issue names it",
             body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
-        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such batch in the caller's tenant", body = ErrorBody),
+        BatchCallErrors,
     ),
     security(("bearer" = [])),
 )]

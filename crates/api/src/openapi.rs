@@ -32,6 +32,36 @@ const DOCS_HTML: &str = include_str!("docs.html");
 const DOCS_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
                         connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'";
 
+/// The error answers every client call on one batch documents: 401, 403 (worker keys may
+/// not) and 404 (also for another tenant's batch).
+#[derive(utoipa::IntoResponses)]
+#[expect(
+    dead_code,
+    reason = "declared for the OpenAPI document only; ApiError writes these answers"
+)]
+pub(crate) enum BatchCallErrors {
+    #[response(status = 401, description = "`unauthorized`: no token, or one that is not valid")]
+    Unauthorized(ErrorBody),
+    #[response(status = 403, description = "`forbidden`: a worker key")]
+    Forbidden(ErrorBody),
+    #[response(status = 404, description = "`not_found`: no such batch in the caller's tenant")]
+    NotFound(ErrorBody),
+}
+
+/// The 409 of the batch control calls (cancel, pause, resume, retry).
+#[derive(utoipa::IntoResponses)]
+#[expect(
+    dead_code,
+    reason = "declared for the OpenAPI document only; ApiError writes this answer"
+)]
+pub(crate) enum BatchStateConflict {
+    #[response(
+        status = 409,
+        description = "`invalid_state`: the batch's status forbids it; `current_status` says what it is"
+    )]
+    InvalidState(ErrorBody),
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(

@@ -13,6 +13,7 @@ use batchd_storage::{Notice, Scope, Store};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::auth::Caller;
+use crate::openapi::BatchCallErrors;
 use crate::params::Query;
 use crate::views::event_view;
 use crate::{ApiError, ApiState};
@@ -107,9 +108,7 @@ struct StreamParams {
             content_type = "text/event-stream", body = SseFrame),
         (status = 400, description = "`validation_error`: `after` or `Last-Event-ID` is not a sequence number",
             body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
-        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such batch in the caller's tenant", body = ErrorBody),
+        BatchCallErrors,
     ),
     security(("bearer" = [])),
 )]

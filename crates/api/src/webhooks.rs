@@ -6,6 +6,7 @@ use batchd_domain::wire::{DeliveryAttemptView, DeliveryList, DeliveryView, Error
 use batchd_storage::DeliveryRecord;
 
 use crate::auth::Caller;
+use crate::openapi::BatchCallErrors;
 use crate::params::{PageParams, Query};
 use crate::{ApiError, ApiState};
 
@@ -31,9 +32,7 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
         (status = 200, description = "A page of deliveries", body = DeliveryList),
         (status = 400, description = "`validation_error`: a query parameter is not valid; each issue names it",
             body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no token, or one that is not valid", body = ErrorBody),
-        (status = 403, description = "`forbidden`: a worker key", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such batch in the caller's tenant", body = ErrorBody),
+        BatchCallErrors,
     ),
     security(("bearer" = [])),
 )]
