@@ -1,6 +1,6 @@
 //! The worker pool: one claim loop per queue, one task per running item, a heartbeat per
-//! item, a finisher that writes results in group commits, a watcher that relays control
-//! requests to running items, and a rescuer that puts expired leases back.
+//! item, a writer that records results and makes claims in group commits, a watcher that
+//! relays control requests to running items, and a rescuer that puts expired leases back.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,8 +20,8 @@ use tokio_util::task::TaskTracker;
 use crate::handler::{BatchContext, BatchInfo, Completion, Handler, HandlerError, HandlerRegistry, ItemContext, Retry};
 use crate::limiter::TokenBucket;
 
-/// Items claimed per statement at most.
-const MAX_CLAIM: usize = 100;
+/// Items claimed per claim at most.
+const MAX_CLAIM: usize = 500;
 /// While a queue has items running, it claims again only once this share of its slots
 /// (at most `MAX_CLAIM`) is free: one claim of many items instead of many claims of one,
 /// each its own transaction, as slots free up one by one.
@@ -134,13 +134,13 @@ impl Executor {
             }
             queues.push((queue.clone(), handler));
         }
-        let (finish_tx, finish_rx) = mpsc::unbounded_channel();
+        let (writes, write_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             store: store.clone(),
             global: Arc::new(Semaphore::new(config.max_running.max(1))),
             running: Mutex::new(HashMap::new()),
             contexts: tokio::sync::Mutex::new(HashMap::new()),
-            finish_tx,
+            writes,
             stop_claiming: CancellationToken::new(),
             release_now: CancellationToken::new(),
             items: TaskTracker::new(),
@@ -151,13 +151,13 @@ impl Executor {
         for (queue, handler) in queues {
             background.push(tokio::spawn(claim_loop(inner.clone(), queue, handler)));
         }
-        let finisher = tokio::spawn(finisher(store.clone(), finish_rx));
+        let writer = tokio::spawn(writer(store.clone(), write_rx));
         background.push(tokio::spawn(watch_control(inner.clone(), stop_background.clone())));
         background.push(tokio::spawn(rescue_expired(inner.clone(), stop_background.clone())));
         Ok(ExecutorHandle {
             inner,
             background,
-            finisher,
+            writer,
             stop_background,
         })
     }
@@ -168,7 +168,7 @@ impl Executor {
 pub struct ExecutorHandle {
     inner: Arc<Inner>,
     background: Vec<JoinHandle<()>>,
-    finisher: JoinHandle<()>,
+    writer: JoinHandle<()>,
     stop_background: CancellationToken,
 }
 
@@ -205,7 +205,7 @@ impl ExecutorHandle {
         }
         // Every item task has ended, so the last sender goes with `inner`.
         drop(inner);
-        let _ = self.finisher.await;
+        let _ = self.writer.await;
     }
 }
 
@@ -217,7 +217,8 @@ struct Inner {
     running: Mutex<HashMap<String, (String, CancellationToken)>>,
     /// Open shared contexts of sequential batches.
     contexts: tokio::sync::Mutex<HashMap<String, OpenContext>>,
-    finish_tx: mpsc::UnboundedSender<(Finish, oneshot::Sender<Result<FinishResult, String>>)>,
+    /// To the writer: results to record and claims to make.
+    writes: mpsc::UnboundedSender<Write>,
     stop_claiming: CancellationToken,
     release_now: CancellationToken,
     items: TaskTracker,
@@ -285,22 +286,28 @@ async fn claim_loop(inner: Arc<Inner>, queue: QueueConfig, handler: Arc<dyn Hand
         }
         let mut more = false;
         if want > 0 {
-            match inner
-                .store
-                .claim(&ClaimRequest {
-                    max_items: want,
-                    ..request.clone()
-                })
-                .await
-            {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            let claim = ClaimRequest {
+                max_items: want,
+                ..request.clone()
+            };
+            let claimed = match inner.writes.send(Write::Claim(claim, reply_tx)) {
+                Ok(()) => reply_rx.await.unwrap_or_else(|_| Err("the writer stopped".to_owned())),
+                Err(_) => Err("the writer stopped".to_owned()),
+            };
+            match claimed {
                 Ok(items) => {
                     more = items.len() == want;
                     if let Some(bucket) = bucket.as_mut() {
                         bucket.give_back(want - items.len());
                     }
                     for item in items {
-                        let Some(permit) = permits.pop() else { break };
-                        start_item(&inner, &queue, &handler, item, permit, slot_freed.clone());
+                        let Some(permits) = permits.pop() else { break };
+                        let slot = Slot {
+                            _permits: permits,
+                            freed: slot_freed.clone(),
+                        };
+                        start_item(&inner, &queue, &handler, item, slot);
                     }
                     error_backoff = Duration::from_millis(100);
                 }
@@ -348,14 +355,21 @@ async fn claim_loop(inner: Arc<Inner>, queue: QueueConfig, handler: Arc<dyn Hand
     }
 }
 
-fn start_item(
-    inner: &Arc<Inner>,
-    queue: &QueueConfig,
-    handler: &Arc<dyn Handler>,
-    item: ClaimedItem,
-    permit: (OwnedSemaphorePermit, OwnedSemaphorePermit),
-    slot_freed: Arc<Notify>,
-) {
+/// A running item's place in its queue's and the node's limits. Dropped as soon as the
+/// attempt's result is handed to the writer: the claim that reuses it then lands in the same
+/// transaction as that result, or a later one, never an earlier one.
+struct Slot {
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    freed: Arc<Notify>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.freed.notify_one();
+    }
+}
+
+fn start_item(inner: &Arc<Inner>, queue: &QueueConfig, handler: &Arc<dyn Handler>, item: ClaimedItem, slot: Slot) {
     let cancel = CancellationToken::new();
     inner
         .running
@@ -365,14 +379,12 @@ fn start_item(
     let (inner, queue, handler) = (inner.clone(), queue.clone(), handler.clone());
     inner.items.clone().spawn(async move {
         let item_id = item.id.clone();
-        run_item(&inner, &queue, handler, item, cancel).await;
+        run_item(&inner, &queue, handler, item, cancel, slot).await;
         inner
             .running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&item_id);
-        drop(permit);
-        slot_freed.notify_one();
     });
 }
 
@@ -383,6 +395,7 @@ async fn run_item(
     handler: Arc<dyn Handler>,
     item: ClaimedItem,
     cancel: CancellationToken,
+    slot: Slot,
 ) {
     let config = merge_config([&queue.defaults, &item.batch_config, &item.item_config]);
     let settings = ItemSettings::from_config(&config);
@@ -452,11 +465,11 @@ async fn run_item(
         outcome,
     };
     let (reply_tx, reply_rx) = oneshot::channel();
-    let result = match inner.finish_tx.send((finish, reply_tx)) {
-        Ok(()) => reply_rx
-            .await
-            .unwrap_or_else(|_| Err("the finisher stopped".to_owned())),
-        Err(_) => Err("the finisher stopped".to_owned()),
+    let sent = inner.writes.send(Write::Finish(finish, reply_tx));
+    drop(slot);
+    let result = match sent {
+        Ok(()) => reply_rx.await.unwrap_or_else(|_| Err("the writer stopped".to_owned())),
+        Err(_) => Err("the writer stopped".to_owned()),
     };
     if let (Some(observer), Ok(result)) = (&inner.config.observer, &result) {
         let status = match result {
@@ -583,44 +596,94 @@ async fn heartbeat(
     }
 }
 
-/// Writes results in group commits: whatever is waiting when a commit ends goes into the
-/// next one. A failed commit is retried a few times before its items are left to their
-/// leases.
-async fn finisher(
-    store: Arc<dyn Store>,
-    mut rx: mpsc::UnboundedReceiver<(Finish, oneshot::Sender<Result<FinishResult, String>>)>,
-) {
+/// What the writer is asked to do.
+enum Write {
+    /// Record an attempt's result.
+    Finish(Finish, oneshot::Sender<Result<FinishResult, String>>),
+    /// Claim items for a queue's free slots.
+    Claim(ClaimRequest, oneshot::Sender<Result<Vec<ClaimedItem>, String>>),
+}
+
+/// Writes results and claims in group commits: whatever is waiting when a commit ends goes
+/// into the next one, results first, then the claims that reuse their slots, in one
+/// transaction. A failed commit is retried a few times for its results (its claims answer
+/// the error) before their items are left to their leases.
+async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Write>) {
     while let Some(first) = rx.recv().await {
-        let mut group = vec![first];
-        while group.len() < MAX_FINISH_GROUP {
-            match rx.try_recv() {
-                Ok(next) => group.push(next),
-                Err(_) => break,
+        let (mut finishes, mut finish_replies, mut claims, mut claim_replies) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut next = Some(first);
+        while let Some(write) = next.take() {
+            match write {
+                Write::Finish(finish, reply) => {
+                    finishes.push(finish);
+                    finish_replies.push(reply);
+                }
+                Write::Claim(request, reply) => {
+                    claims.push(request);
+                    claim_replies.push(reply);
+                }
+            }
+            if finishes.len() < MAX_FINISH_GROUP {
+                next = rx.try_recv().ok();
             }
         }
-        let (finishes, replies): (Vec<Finish>, Vec<_>) = group.into_iter().unzip();
-        let mut delay = Duration::from_millis(100);
-        let mut outcome = store.finish(finishes.clone()).await;
-        for _ in 0..5 {
-            let Err(e) = &outcome else { break };
-            tracing::warn!(error = %e, items = finishes.len(), "recording results failed; retrying");
-            tokio::time::sleep(delay).await;
-            delay *= 2;
-            outcome = store.finish(finishes.clone()).await;
-        }
-        match outcome {
+        let outcome = if claims.is_empty() {
+            store
+                .finish(finishes.clone())
+                .await
+                .map(|results| (results, Vec::new()))
+        } else {
+            store.finish_and_claim(finishes.clone(), claims).await
+        };
+        let results = match outcome {
+            Ok((results, claimed)) => {
+                for (reply, items) in claim_replies.into_iter().zip(claimed) {
+                    let _ = reply.send(Ok(items));
+                }
+                Ok(results)
+            }
+            Err(e) => {
+                for reply in claim_replies {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+                if finishes.is_empty() {
+                    continue;
+                }
+                retry_finish(&store, &finishes, e).await
+            }
+        };
+        match results {
             Ok(results) => {
-                for (reply, result) in replies.into_iter().zip(results) {
+                for (reply, result) in finish_replies.into_iter().zip(results) {
                     let _ = reply.send(Ok(result));
                 }
             }
             Err(e) => {
-                for reply in replies {
+                for reply in finish_replies {
                     let _ = reply.send(Err(e.to_string()));
                 }
             }
         }
     }
+}
+
+/// Writes a group of results again after `first` failed, a few times with a growing pause.
+async fn retry_finish(
+    store: &Arc<dyn Store>,
+    finishes: &[Finish],
+    first: StoreError,
+) -> Result<Vec<FinishResult>, StoreError> {
+    let mut delay = Duration::from_millis(100);
+    let mut outcome = Err(first);
+    for _ in 0..5 {
+        let Err(e) = &outcome else { break };
+        tracing::warn!(error = %e, items = finishes.len(), "recording results failed; retrying");
+        tokio::time::sleep(delay).await;
+        delay *= 2;
+        outcome = store.finish(finishes.to_vec()).await;
+    }
+    outcome
 }
 
 /// Relays control requests to the items running here: when a batch is cancelled (or failed

@@ -880,6 +880,198 @@ async fn queue_paused(c: &mut Conn, queue: &str) -> Result<bool, StoreError> {
         .unwrap_or(false))
 }
 
+/// The rows of the items being finished, locked, by id.
+async fn lock_finished_items(c: &mut Conn, finishes: &[Finish]) -> Result<HashMap<String, ItemRow>, StoreError> {
+    if finishes.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let mut ids: Vec<&str> = finishes.iter().map(|f| f.item_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let rows: Vec<ItemRow> =
+        locked!(items::table.filter(items::id.eq_any(&ids)).order(items::seq.asc()).select(ItemRow::as_select()))
+            .load(c)
+            .await?;
+    Ok(rows.into_iter().map(|r| (r.id.clone(), r)).collect())
+}
+
+/// Up to `max_items` ready items of the request's queue in claim order, locked (skipping
+/// rows other transactions hold), leaving out the rows in `taken`.
+async fn claim_candidates(
+    c: &mut Conn,
+    request: &ClaimRequest,
+    taken: &HashSet<i64>,
+    now: OffsetDateTime,
+) -> Result<Vec<ItemRow>, StoreError> {
+    if request.max_items == 0 || queue_paused(c, &request.queue).await? {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<ItemRow> = skip_locked!(
+        ready_items!(items::table.filter(items::queue.eq(&request.queue)), now)
+            .filter(items::blocked.eq(false))
+            .order((items::priority.desc(), items::seq.asc()))
+            .limit((request.max_items + taken.len()) as i64)
+            .select(ItemRow::as_select())
+    )
+    .load(c)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter(|r| !taken.contains(&r.seq))
+        .take(request.max_items)
+        .collect())
+}
+
+/// Applies finished attempts to their (locked) rows and batches. Returns each finish's
+/// result and the rows changed and not yet written; `failed_now` gets the batches that
+/// failed under `fail_batch` here (their waiting items are cancelled and written already).
+async fn apply_finishes(
+    c: &mut Conn,
+    finishes: Vec<Finish>,
+    rows: &mut HashMap<String, ItemRow>,
+    touched: &mut BTreeMap<String, Touched>,
+    failed_now: &mut HashSet<String>,
+    max_error_chars: usize,
+    now: OffsetDateTime,
+) -> Result<(Vec<FinishResult>, Vec<ItemRow>), StoreError> {
+    let mut results = Vec::with_capacity(finishes.len());
+    // Items changed here and not yet written: written together by the caller.
+    let mut unsaved: HashSet<String> = HashSet::new();
+    for f in finishes {
+        let Some(item) = rows.get_mut(&f.item_id) else {
+            results.push(FinishResult::LeaseLost);
+            continue;
+        };
+        if item.status != ItemStatus::Running.as_str() || item.lease_token.as_deref() != Some(&f.lease_token) {
+            let cancelled = item.status == ItemStatus::Cancelled.as_str()
+                && item.cancel_reason.as_deref() != Some(CancelReason::Item.as_str());
+            results.push(if cancelled { FinishResult::ItemCancelled } else { FinishResult::LeaseLost });
+            continue;
+        }
+        let Some(t) = touched.get_mut(&item.batch_id) else {
+            results.push(FinishResult::LeaseLost);
+            continue;
+        };
+        let ending = match f.outcome {
+            Outcome::Completed { result } => Ending::Complete(result),
+            Outcome::Failed { error, retryable, retry_after, policy } => {
+                Ending::Fail { error, retryable, retry_after, policy }
+            }
+            Outcome::NeedsInput { question } => Ending::AskInput(question),
+            Outcome::Cancelled => Ending::Cancel(CancelReason::Batch),
+            Outcome::Released => Ending::Release,
+        };
+        let to = end_attempt(item, t, ending, max_error_chars, now)?;
+        unsaved.insert(item.id.clone());
+        if fails_batch_now(t) {
+            // The cancellation reads the batch's waiting items from the table: what this
+            // group changed so far is written first.
+            let flushed = unsaved.drain().filter_map(|id| rows.get(&id).cloned()).collect();
+            save_items(c, flushed).await?;
+            cancel_waiting_items(c, t, CancelReason::FailBatch, now).await?;
+            failed_now.insert(t.row.id.clone());
+        }
+        let cancelled_by_batch = to == ItemStatus::Cancelled;
+        results.push(if cancelled_by_batch { FinishResult::ItemCancelled } else { FinishResult::Applied(to) });
+    }
+    let mut changed: Vec<ItemRow> = rows.drain().map(|(_, row)| row).filter(|row| unsaved.contains(&row.id)).collect();
+    changed.sort_by_key(|row| row.seq);
+    Ok((results, changed))
+}
+
+/// What a started item takes from its batch: (batch config, session id, mode, ready at).
+type StartedFrom = (Value, Option<String>, Mode, OffsetDateTime);
+
+/// Starts the candidates of one claim under their (locked) batches. Returns what each
+/// started item takes from its batch, and the changed rows: the started ones first, in
+/// claim order, then the ones their batch cancelled meanwhile.
+fn apply_claim(
+    request: &ClaimRequest,
+    candidates: impl IntoIterator<Item = ItemRow>,
+    touched: &mut BTreeMap<String, Touched>,
+    now: OffsetDateTime,
+) -> Result<(Vec<StartedFrom>, Vec<ItemRow>), StoreError> {
+    let lease_expires_at = now + request.lease;
+    let mut claimed = Vec::new();
+    let mut changed = Vec::new();
+    for mut item in candidates {
+        let Some(t) = touched.get_mut(&item.batch_id) else { continue };
+        let batch_status = t.status()?;
+        if !claimable(batch_status) {
+            // The batch changed after the candidates were read.
+            let reason = match batch_status {
+                BatchStatus::Cancelling | BatchStatus::Cancelled => Some(CancelReason::Batch),
+                BatchStatus::Failed => Some(CancelReason::FailBatch),
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                let from = item.status()?;
+                let to = item_sm::cancel(from, reason)?;
+                item.set_status(to, now);
+                item.cancel_reason = Some(reason.as_str().to_owned());
+                t.move_item(from, to);
+                t.event(EventType::ItemCancelled, Some(ItemSnapshot { row: &item }), None, None, now);
+                changed.push(item);
+                t.settle(now)?;
+            }
+            continue;
+        }
+        let from = item.status()?;
+        let to = item_sm::start(from)?;
+        let ready_at = [Some(item.updated_at), item.next_attempt_at, t.row.run_at]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(item.created_at)
+            .min(now);
+        item.set_status(to, now);
+        item.attempts += 1;
+        item.lease_owner = Some(request.owner.clone());
+        item.lease_token = Some(batchd_domain::new_lease_token());
+        item.lease_expires_at = Some(lease_expires_at);
+        item.started_at = Some(now);
+        t.move_item(from, to);
+        if batch_status == BatchStatus::Pending {
+            let to_batch = batch_sm::start(batch_status)?;
+            t.set_status(to_batch, EventType::BatchStarted, now);
+        }
+        let data = json!({"attempt": item.attempts, "lease_owner": request.owner});
+        t.event(EventType::ItemStarted, Some(ItemSnapshot { row: &item }), None, Some(data), now);
+        claimed.push((t.row.config.clone(), t.row.session_id.clone(), t.row.mode()?, ready_at));
+        changed.push(item);
+    }
+    // Started items first, in claim order; then the ones the batch cancelled.
+    changed.sort_by_key(|item| item.status != ItemStatus::Running.as_str());
+    Ok((claimed, changed))
+}
+
+/// The claimed items, from what each took from its batch and its written row.
+fn claimed_items(claimed: Vec<StartedFrom>, rows: Vec<ItemRow>) -> Vec<ClaimedItem> {
+    claimed
+        .into_iter()
+        .zip(rows)
+        .map(|((batch_config, session_id, mode, ready_at), item)| ClaimedItem {
+            lease_token: item.lease_token.clone().unwrap_or_default(),
+            lease_expires_at: item.lease_expires_at.unwrap_or(ready_at),
+            id: item.id,
+            batch_id: item.batch_id,
+            tenant: item.tenant,
+            queue: item.queue,
+            index: item.item_index,
+            custom_id: item.custom_id,
+            attempt: item.attempts,
+            max_attempts: item.max_attempts,
+            input: item.input,
+            answer: item.answer,
+            item_config: object(item.config),
+            batch_config: object(batch_config),
+            session_id,
+            mode,
+            ready_at,
+        })
+        .collect()
+}
+
 /// Queue positions of the ready pending items among `rows`: 1 + the number of ready items
 /// of the same queue that will be claimed before each (claim order: priority, then `seq`).
 /// Two counting queries per queue, whatever the page holds.
@@ -1322,109 +1514,8 @@ impl crate::Store for ThisStore {
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedItem>, StoreError> {
-        if request.max_items == 0 {
-            return Ok(Vec::new());
-        }
-        let now = self.now();
-        let lease_expires_at = now + request.lease;
-        let request = request.clone();
-        self.write(move |c| {
-            Box::pin(async move {
-                if queue_paused(c, &request.queue).await? {
-                    return Ok((Vec::new(), Vec::new()));
-                }
-                let candidates: Vec<ItemRow> = skip_locked!(
-                    ready_items!(items::table.filter(items::queue.eq(&request.queue)), now)
-                        .filter(items::blocked.eq(false))
-                        .order((items::priority.desc(), items::seq.asc()))
-                        .limit(request.max_items as i64)
-                        .select(ItemRow::as_select())
-                )
-                .load(c)
-                .await?;
-                if candidates.is_empty() {
-                    return Ok((Vec::new(), Vec::new()));
-                }
-                let mut touched = lock_batches(c, candidates.iter().map(|i| i.batch_id.clone())).await?;
-                let mut claimed = Vec::with_capacity(candidates.len());
-                let mut changed = Vec::new();
-                for mut item in candidates {
-                    let Some(t) = touched.get_mut(&item.batch_id) else { continue };
-                    let batch_status = t.status()?;
-                    if !claimable(batch_status) {
-                        // The batch changed after the candidates were read.
-                        let reason = match batch_status {
-                            BatchStatus::Cancelling | BatchStatus::Cancelled => Some(CancelReason::Batch),
-                            BatchStatus::Failed => Some(CancelReason::FailBatch),
-                            _ => None,
-                        };
-                        if let Some(reason) = reason {
-                            let from = item.status()?;
-                            let to = item_sm::cancel(from, reason)?;
-                            item.set_status(to, now);
-                            item.cancel_reason = Some(reason.as_str().to_owned());
-                            t.move_item(from, to);
-                            t.event(EventType::ItemCancelled, Some(ItemSnapshot { row: &item }), None, None, now);
-                            changed.push(item);
-                            t.settle(now)?;
-                        }
-                        continue;
-                    }
-                    let from = item.status()?;
-                    let to = item_sm::start(from)?;
-                    let ready_at = [Some(item.updated_at), item.next_attempt_at, t.row.run_at]
-                        .into_iter()
-                        .flatten()
-                        .max()
-                        .unwrap_or(item.created_at)
-                        .min(now);
-                    item.set_status(to, now);
-                    item.attempts += 1;
-                    item.lease_owner = Some(request.owner.clone());
-                    item.lease_token = Some(batchd_domain::new_lease_token());
-                    item.lease_expires_at = Some(lease_expires_at);
-                    item.started_at = Some(now);
-                    t.move_item(from, to);
-                    if batch_status == BatchStatus::Pending {
-                        let to_batch = batch_sm::start(batch_status)?;
-                        t.set_status(to_batch, EventType::BatchStarted, now);
-                    }
-                    let data = json!({"attempt": item.attempts, "lease_owner": request.owner});
-                    t.event(EventType::ItemStarted, Some(ItemSnapshot { row: &item }), None, Some(data), now);
-                    claimed.push((t.row.config.clone(), t.row.session_id.clone(), t.row.mode()?, ready_at));
-                    changed.push(item);
-                }
-                // Started items first, in claim order; then the ones the batch cancelled.
-                changed.sort_by_key(|item| item.status != ItemStatus::Running.as_str());
-                let mut rows = save_items(c, changed).await?.into_iter();
-                let notices = save_batches(c, &mut touched, now).await?;
-                let claimed = claimed
-                    .into_iter()
-                    .zip(rows.by_ref())
-                    .map(|((batch_config, session_id, mode, ready_at), item)| ClaimedItem {
-                        lease_token: item.lease_token.clone().unwrap_or_default(),
-                        id: item.id,
-                        batch_id: item.batch_id,
-                        tenant: item.tenant,
-                        queue: item.queue,
-                        index: item.item_index,
-                        custom_id: item.custom_id,
-                        attempt: item.attempts,
-                        max_attempts: item.max_attempts,
-                        input: item.input,
-                        answer: item.answer,
-                        item_config: object(item.config),
-                        batch_config: object(batch_config),
-                        session_id,
-                        mode,
-                        lease_expires_at,
-                        ready_at,
-                    })
-                    .collect();
-                Ok((claimed, notices))
-            })
-        })
-        .await
+        let (_, mut claimed) = self.finish_and_claim(Vec::new(), vec![request.clone()]).await?;
+        Ok(claimed.pop().unwrap_or_default())
     }
 
     async fn renew_lease(&self, item_id: &str, lease_token: &str, lease: Duration) -> Result<LeaseState, StoreError> {
@@ -1523,73 +1614,61 @@ impl crate::Store for ThisStore {
     }
 
     async fn finish(&self, finishes: Vec<Finish>) -> Result<Vec<FinishResult>, StoreError> {
-        if finishes.is_empty() {
-            return Ok(Vec::new());
+        let (results, _) = self.finish_and_claim(finishes, Vec::new()).await?;
+        Ok(results)
+    }
+
+    async fn finish_and_claim(
+        &self,
+        finishes: Vec<Finish>,
+        claims: Vec<ClaimRequest>,
+    ) -> Result<(Vec<FinishResult>, Vec<Vec<ClaimedItem>>), StoreError> {
+        if finishes.is_empty() && claims.iter().all(|r| r.max_items == 0) {
+            return Ok((Vec::new(), claims.iter().map(|_| Vec::new()).collect()));
         }
         let now = self.now();
         let max_error_chars = self.max_error_chars;
         self.write(move |c| {
             Box::pin(async move {
-                let mut ids: Vec<&str> = finishes.iter().map(|f| f.item_id.as_str()).collect();
-                ids.sort_unstable();
-                ids.dedup();
-                let rows: Vec<ItemRow> =
-                    locked!(items::table.filter(items::id.eq_any(&ids)).order(items::seq.asc()).select(ItemRow::as_select()))
-                        .load(c)
-                        .await?;
-                let mut rows: HashMap<String, ItemRow> = rows.into_iter().map(|r| (r.id.clone(), r)).collect();
+                // Lock order (see the top of this file): the finished items' rows, then the
+                // candidates' rows (skipping rows other transactions hold), then every batch
+                // row involved, in id order.
+                let mut rows = lock_finished_items(c, &finishes).await?;
+                let mut candidates = Vec::with_capacity(claims.len());
+                for request in &claims {
+                    let taken: HashSet<i64> = candidates.iter().flatten().map(|r: &ItemRow| r.seq).collect();
+                    candidates.push(claim_candidates(c, request, &taken, now).await?);
+                }
                 let mut touched = lock_batches(
                     c,
-                    finishes
-                        .iter()
-                        .filter_map(|f| rows.get(&f.item_id))
+                    rows.values()
                         .filter(|r| r.status == ItemStatus::Running.as_str())
-                        .map(|r| r.batch_id.clone()),
+                        .map(|r| r.batch_id.clone())
+                        .chain(candidates.iter().flatten().map(|r| r.batch_id.clone())),
                 )
                 .await?;
-                let mut results = Vec::with_capacity(finishes.len());
-                // Items changed here and not yet written: written together at the end.
-                let mut unsaved: HashSet<String> = HashSet::new();
-                for f in finishes {
-                    let Some(item) = rows.get_mut(&f.item_id) else {
-                        results.push(FinishResult::LeaseLost);
-                        continue;
-                    };
-                    if item.status != ItemStatus::Running.as_str() || item.lease_token.as_deref() != Some(&f.lease_token) {
-                        let cancelled = item.status == ItemStatus::Cancelled.as_str()
-                            && item.cancel_reason.as_deref() != Some(CancelReason::Item.as_str());
-                        results.push(if cancelled { FinishResult::ItemCancelled } else { FinishResult::LeaseLost });
-                        continue;
-                    }
-                    let Some(t) = touched.get_mut(&item.batch_id) else {
-                        results.push(FinishResult::LeaseLost);
-                        continue;
-                    };
-                    let ending = match f.outcome {
-                        Outcome::Completed { result } => Ending::Complete(result),
-                        Outcome::Failed { error, retryable, retry_after, policy } => {
-                            Ending::Fail { error, retryable, retry_after, policy }
-                        }
-                        Outcome::NeedsInput { question } => Ending::AskInput(question),
-                        Outcome::Cancelled => Ending::Cancel(CancelReason::Batch),
-                        Outcome::Released => Ending::Release,
-                    };
-                    let to = end_attempt(item, t, ending, max_error_chars, now)?;
-                    unsaved.insert(item.id.clone());
-                    if fails_batch_now(t) {
-                        // The cancellation reads the batch's waiting items from the table:
-                        // what this group changed so far is written first.
-                        let flushed = unsaved.drain().filter_map(|id| rows.get(&id).cloned()).collect();
-                        save_items(c, flushed).await?;
-                        cancel_waiting_items(c, t, CancelReason::FailBatch, now).await?;
-                    }
-                    let cancelled_by_batch = to == ItemStatus::Cancelled;
-                    results.push(if cancelled_by_batch { FinishResult::ItemCancelled } else { FinishResult::Applied(to) });
+                let mut failed_now = HashSet::new();
+                let (results, finished) =
+                    apply_finishes(c, finishes, &mut rows, &mut touched, &mut failed_now, max_error_chars, now).await?;
+                let mut changed = finished;
+                let mut started = Vec::with_capacity(claims.len());
+                for (request, candidates) in claims.iter().zip(candidates) {
+                    // Items of a batch this group just failed were cancelled with it.
+                    let candidates = candidates.into_iter().filter(|r| !failed_now.contains(&r.batch_id));
+                    let (claimed, items) = apply_claim(request, candidates, &mut touched, now)?;
+                    started.push((changed.len(), claimed));
+                    changed.extend(items);
                 }
-                let changed: Vec<ItemRow> = rows.into_values().filter(|row| unsaved.contains(&row.id)).collect();
-                save_items(c, changed).await?;
+                let mut saved = save_items(c, changed).await?;
                 let notices = save_batches(c, &mut touched, now).await?;
-                Ok((results, notices))
+                // Each claim's started rows, in claim order, from where they were put.
+                let mut claimed_out = Vec::with_capacity(started.len());
+                for (from, claimed) in started.into_iter().rev() {
+                    let rows = saved.split_off(from);
+                    claimed_out.push(claimed_items(claimed, rows));
+                }
+                claimed_out.reverse();
+                Ok(((results, claimed_out), notices))
             })
         })
         .await

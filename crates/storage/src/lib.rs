@@ -185,6 +185,16 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// while its lease token still matches a running item; otherwise it is `LeaseLost`.
     async fn finish(&self, finishes: Vec<Finish>) -> Result<Vec<FinishResult>, StoreError>;
 
+    /// `finish` and then `claim` for each request, in one transaction: one commit both
+    /// ends attempts and starts the next ones. The claims see the finishes (a batch this
+    /// group failed gives nothing); the answer holds a list of claimed items per request,
+    /// in request order.
+    async fn finish_and_claim(
+        &self,
+        finishes: Vec<Finish>,
+        claims: Vec<ClaimRequest>,
+    ) -> Result<(Vec<FinishResult>, Vec<Vec<ClaimedItem>>), StoreError>;
+
     /// Puts running items whose lease expired back to pending (attempt counted), or fails
     /// them when their attempts are used up, or cancels them in a cancelling batch.
     async fn requeue_expired_leases(&self) -> Result<usize, StoreError>;

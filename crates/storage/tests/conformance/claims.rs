@@ -3,10 +3,10 @@
 use std::time::Duration;
 
 use batchd_domain::{BatchStatus, ItemStatus};
-use batchd_storage::{FinishResult, ItemReport, LeaseState, NewBatch, Notice, Outcome, Scope};
+use batchd_storage::{Finish, FinishResult, ItemReport, LeaseState, NewBatch, Notice, Outcome, Scope};
 use serde_json::json;
 
-use crate::support::{Fixture, batch, conformance, failure, input_n, sequential};
+use crate::support::{Fixture, batch, claim_request, conformance, failure, input_n, sequential};
 
 conformance!(
     claims_by_priority_then_fifo,
@@ -22,6 +22,9 @@ conformance!(
     reports_and_renewals_hold_the_lease,
     delayed_batches_wait_for_run_at,
     notices_wake_waiters,
+    finish_and_claim_ends_and_starts_in_one_call,
+    finish_and_claim_gives_nothing_of_a_batch_it_fails,
+    finish_and_claim_never_gives_an_item_twice,
 );
 
 async fn claims_by_priority_then_fifo(f: Fixture) {
@@ -430,4 +433,119 @@ async fn notices_wake_waiters(f: Fixture) {
             .expect("open channel");
         got_control = notice == Notice::Control { batch_id: b.id.clone() };
     }
+}
+
+fn completed(item: &batchd_storage::ClaimedItem) -> Finish {
+    Finish {
+        item_id: item.id.clone(),
+        lease_token: item.lease_token.clone(),
+        outcome: Outcome::Completed {
+            result: json!({"done": item.index}),
+        },
+    }
+}
+
+async fn finish_and_claim_ends_and_starts_in_one_call(f: Fixture) {
+    let (b, _) = f.submit(batch("q", 4)).await;
+    let first = f.claim("q", 1).await;
+    let (results, claimed) = f
+        .store
+        .finish_and_claim(vec![completed(&first[0])], vec![claim_request("q", 2)])
+        .await
+        .expect("finish and claim");
+    assert_eq!(results, vec![FinishResult::Applied(ItemStatus::Completed)]);
+    assert_eq!(claimed.len(), 1, "one list per claim request");
+    let indexes: Vec<i32> = claimed[0].iter().map(|c| c.index).collect();
+    assert_eq!(indexes, vec![1, 2], "claim order after the finished item");
+    assert!(claimed[0].iter().all(|c| c.attempt == 1 && !c.lease_token.is_empty()));
+    let batch = f.batch(&b.id).await;
+    assert_eq!(batch.status, BatchStatus::Running);
+    assert_eq!(
+        (batch.counts.pending, batch.counts.running, batch.counts.completed),
+        (1, 2, 1)
+    );
+    f.assert_counts_match_items(&b.id).await;
+    assert_eq!(
+        f.event_types(&b.id).await,
+        [
+            "batch.created",
+            "batch.started",
+            "item.started",
+            "item.completed",
+            "item.started",
+            "item.started"
+        ]
+    );
+    // The leases it handed out hold: their results apply.
+    for item in &claimed[0] {
+        assert_eq!(f.complete(item).await, FinishResult::Applied(ItemStatus::Completed));
+    }
+    // Nothing to finish and an empty request: nothing happens.
+    let (results, claimed) = f
+        .store
+        .finish_and_claim(Vec::new(), vec![claim_request("q", 0)])
+        .await
+        .expect("no-op");
+    assert!(results.is_empty());
+    assert_eq!(claimed.len(), 1);
+    assert!(claimed[0].is_empty());
+}
+
+async fn finish_and_claim_gives_nothing_of_a_batch_it_fails(f: Fixture) {
+    let strict = NewBatch {
+        on_item_failure: batchd_domain::OnItemFailure::FailBatch,
+        ..batch("q", 4)
+    };
+    let (b, _) = f.submit(strict).await;
+    let first = f.claim("q", 1).await;
+    let fail = Finish {
+        item_id: first[0].id.clone(),
+        lease_token: first[0].lease_token.clone(),
+        outcome: failure("fatal", false),
+    };
+    let (results, claimed) = f
+        .store
+        .finish_and_claim(vec![fail], vec![claim_request("q", 10)])
+        .await
+        .expect("finish and claim");
+    assert_eq!(results, vec![FinishResult::Applied(ItemStatus::Failed)]);
+    assert!(claimed[0].is_empty(), "the batch failed in the same transaction");
+    let batch = f.batch(&b.id).await;
+    assert_eq!(batch.status, BatchStatus::Failed);
+    assert_eq!(
+        (
+            batch.counts.failed,
+            batch.counts.cancelled,
+            batch.counts.running,
+            batch.counts.pending
+        ),
+        (1, 3, 0, 0)
+    );
+    f.assert_counts_match_items(&b.id).await;
+    let types = f.event_types(&b.id).await;
+    assert_eq!(types.iter().filter(|t| *t == "item.cancelled").count(), 3);
+    assert_eq!(types.iter().filter(|t| *t == "item.started").count(), 1);
+}
+
+async fn finish_and_claim_never_gives_an_item_twice(f: Fixture) {
+    let (b, _) = f.submit(batch("q", 5)).await;
+    f.submit(batch("other", 2)).await;
+    let (_, claimed) = f
+        .store
+        .finish_and_claim(
+            Vec::new(),
+            vec![claim_request("q", 2), claim_request("other", 1), claim_request("q", 2)],
+        )
+        .await
+        .expect("claim");
+    let sizes: Vec<usize> = claimed.iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![2, 1, 2]);
+    let mut ids: Vec<&str> = claimed.iter().flatten().map(|c| c.id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 5, "every claimed item is distinct");
+    assert_eq!(claimed[1][0].queue, "other");
+    let batch = f.batch(&b.id).await;
+    assert_eq!((batch.counts.running, batch.counts.pending), (4, 1));
+    f.assert_counts_match_items(&b.id).await;
 }
