@@ -628,7 +628,7 @@ async fn save_batch(c: &mut Conn, t: &mut Touched, now: OffsetDateTime) -> Resul
     }
     t.row.updated_at = now;
     diesel::update(batches::table.find(&t.row.id)).set(t.row.state()).execute(c).await?;
-    insert_chunked!(c, events::table, std::mem::take(&mut t.events));
+    insert_events(c, std::mem::take(&mut t.events)).await?;
     if !t.deliveries.is_empty() {
         notices.push(Notice::Webhooks);
     }
@@ -1312,7 +1312,7 @@ impl ThisStore {
             })
             .collect();
         let ids: Vec<String> = item_rows.iter().map(|r| r.id.clone()).collect();
-        insert_chunked!(c, items::table, item_rows);
+        insert_items(c, item_rows).await?;
         let mut t = Touched::new(row);
         let data = json!({"total_items": total});
         t.event(EventType::BatchCreated, None, None, Some(data), now);
@@ -1911,18 +1911,24 @@ impl crate::Store for ThisStore {
     async fn purge_finished(&self, before: OffsetDateTime) -> Result<usize, StoreError> {
         self.write(move |c| {
             Box::pin(async move {
-                let n = diesel::delete(
-                    batches::table
-                        .filter(batches::completed_at.lt(before))
-                        .filter(batches::status.eq_any([
-                            BatchStatus::Completed.as_str(),
-                            BatchStatus::Failed.as_str(),
-                            BatchStatus::Cancelled.as_str(),
-                        ])),
-                )
-                .execute(c)
-                .await?;
-                Ok((n, Vec::new()))
+                let ids: Vec<String> = batches::table
+                    .filter(batches::completed_at.lt(before))
+                    .filter(batches::status.eq_any([
+                        BatchStatus::Completed.as_str(),
+                        BatchStatus::Failed.as_str(),
+                        BatchStatus::Cancelled.as_str(),
+                    ]))
+                    .select(batches::id)
+                    .load(c)
+                    .await?;
+                // Items and events go explicitly (PostgreSQL keeps no foreign key on them);
+                // webhook deliveries and their attempts go with their batch.
+                for chunk in ids.chunks(INSERT_CHUNK) {
+                    diesel::delete(events::table.filter(events::batch_id.eq_any(chunk))).execute(c).await?;
+                    diesel::delete(items::table.filter(items::batch_id.eq_any(chunk))).execute(c).await?;
+                    diesel::delete(batches::table.filter(batches::id.eq_any(chunk))).execute(c).await?;
+                }
+                Ok((ids.len(), Vec::new()))
             })
         })
         .await

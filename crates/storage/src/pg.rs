@@ -107,6 +107,100 @@ async fn save_items(c: &mut Conn, rows: Vec<ItemRow>) -> Result<Vec<ItemRow>, St
     Ok(rows)
 }
 
+/// Inserts a batch's new items in one statement of fixed text, as arrays turned back into
+/// rows by `unnest` (a multi-row insert of a thousand rows is parsed and planned each time).
+async fn insert_items(c: &mut Conn, rows: Vec<NewItemRow>) -> Result<(), StoreError> {
+    use diesel::sql_types::{Array, Bool, Integer, Jsonb, Nullable, Text, Timestamptz};
+    const INSERT_ITEMS: &str = "INSERT INTO items (id, batch_id, tenant, queue, priority, item_index, \
+        custom_id, input, config, status, blocked, attempts, max_attempts, created_at, updated_at) \
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[], \
+        $7::text[], $8::jsonb[], $9::jsonb[], $10::text[], $11::bool[], $12::int[], $13::int[], \
+        $14::timestamptz[], $15::timestamptz[]) ORDER BY 6";
+    if rows.is_empty() {
+        return Ok(());
+    }
+    macro_rules! column {
+        ($field:ident) => {
+            rows.iter().map(|r| r.$field.clone()).collect::<Vec<_>>()
+        };
+    }
+    let inserted = diesel::sql_query(INSERT_ITEMS)
+        .bind::<Array<Text>, _>(column!(id))
+        .bind::<Array<Text>, _>(column!(batch_id))
+        .bind::<Array<Text>, _>(column!(tenant))
+        .bind::<Array<Text>, _>(column!(queue))
+        .bind::<Array<Integer>, _>(column!(priority))
+        .bind::<Array<Integer>, _>(column!(item_index))
+        .bind::<Array<Nullable<Text>>, _>(column!(custom_id))
+        .bind::<Array<Jsonb>, _>(column!(input))
+        .bind::<Array<Jsonb>, _>(column!(config))
+        .bind::<Array<Text>, _>(column!(status))
+        .bind::<Array<Bool>, _>(column!(blocked))
+        .bind::<Array<Integer>, _>(column!(attempts))
+        .bind::<Array<Integer>, _>(column!(max_attempts))
+        .bind::<Array<Timestamptz>, _>(column!(created_at))
+        .bind::<Array<Timestamptz>, _>(column!(updated_at))
+        .execute(c)
+        .await?;
+    if inserted != rows.len() {
+        return Err(StoreError::Corrupt(format!(
+            "{inserted} of {} item rows were inserted",
+            rows.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Inserts events in one statement of fixed text: each column goes as an array, and
+/// `unnest` turns the arrays back into rows.
+async fn insert_events(c: &mut Conn, rows: Vec<EventRow>) -> Result<(), StoreError> {
+    use diesel::sql_types::{Array, BigInt, Integer, Jsonb, Nullable, Text, Timestamptz};
+    const INSERT_EVENTS: &str = "INSERT INTO events (batch_id, seq, item_id, item_index, event_type, \
+        step, message, data, at) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], \
+        $4::int[], $5::text[], $6::text[], $7::text[], $8::jsonb[], $9::timestamptz[])";
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let n = rows.len();
+    let (mut batch_id, mut seq, mut item_id, mut item_index, mut event_type) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut step, mut message, mut data, mut at) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for r in rows {
+        batch_id.push(r.batch_id);
+        seq.push(r.seq);
+        item_id.push(r.item_id);
+        item_index.push(r.item_index);
+        event_type.push(r.event_type);
+        step.push(r.step);
+        message.push(r.message);
+        data.push(r.data);
+        at.push(r.at);
+    }
+    diesel::sql_query(INSERT_EVENTS)
+        .bind::<Array<Text>, _>(batch_id)
+        .bind::<Array<BigInt>, _>(seq)
+        .bind::<Array<Nullable<Text>>, _>(item_id)
+        .bind::<Array<Nullable<Integer>>, _>(item_index)
+        .bind::<Array<Text>, _>(event_type)
+        .bind::<Array<Nullable<Text>>, _>(step)
+        .bind::<Array<Nullable<Text>>, _>(message)
+        .bind::<Array<Nullable<Jsonb>>, _>(data)
+        .bind::<Array<Timestamptz>, _>(at)
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
 /// A store on PostgreSQL.
 #[derive(Clone)]
 pub struct PgStore {

@@ -135,6 +135,94 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for SaveItem<'
     }
 }
 
+/// Inserts a batch's new items in multi-row statements of up to `INSERT_CHUNK` rows.
+async fn insert_items(c: &mut Conn, rows: Vec<NewItemRow>) -> Result<(), StoreError> {
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<NewItemRow> = rows.by_ref().take(INSERT_CHUNK).collect();
+        insert_rows!(c, items::table, chunk);
+    }
+    Ok(())
+}
+
+/// Inserts events, all in one trip to the blocking pool, in statements of a few fixed
+/// sizes (see [`InsertEvents`]) so that each is prepared once per connection.
+async fn insert_events(c: &mut Conn, rows: Vec<EventRow>) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    c.spawn_blocking(move |conn| {
+        let mut rest = rows.as_slice();
+        while !rest.is_empty() {
+            rest = match rest.len() {
+                64.. => insert_events_of::<64>(conn, rest)?,
+                8.. => insert_events_of::<8>(conn, rest)?,
+                _ => insert_events_of::<1>(conn, rest)?,
+            };
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// Inserts the first `N` of `rows`; returns the rest.
+fn insert_events_of<'a, const N: usize>(
+    conn: &mut SqliteConnection,
+    rows: &'a [EventRow],
+) -> QueryResult<&'a [EventRow]> {
+    let (head, rest) = rows.split_at(N);
+    diesel::RunQueryDsl::execute(InsertEvents::<N>(head), conn)?;
+    Ok(rest)
+}
+
+/// `INSERT INTO events (…) VALUES (…), … ` with exactly `N` rows: a fixed text and a static
+/// query id per `N`, so SQLite prepares it once per connection. Diesel's own multi-row
+/// inserts are prepared again each time.
+struct InsertEvents<'a, const N: usize>(&'a [EventRow]);
+
+impl<Conn, const N: usize> diesel::RunQueryDsl<Conn> for InsertEvents<'_, N> {}
+
+impl<const N: usize> diesel::query_builder::QueryId for InsertEvents<'_, N> {
+    type QueryId = InsertEvents<'static, N>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<const N: usize> diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for InsertEvents<'_, N> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::{BigInt, Integer, Json, Nullable, Text, TimestamptzSqlite};
+        debug_assert_eq!(self.0.len(), N);
+        out.push_sql(
+            "INSERT INTO events (batch_id, seq, item_id, item_index, event_type, step, message, data, at) VALUES ",
+        );
+        for (i, row) in self.0.iter().enumerate() {
+            out.push_sql(if i == 0 { "(" } else { ", (" });
+            out.push_bind_param::<Text, _>(&row.batch_id)?;
+            out.push_sql(", ");
+            out.push_bind_param::<BigInt, _>(&row.seq)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Nullable<Text>, _>(&row.item_id)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Nullable<Integer>, _>(&row.item_index)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Text, _>(&row.event_type)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Nullable<Text>, _>(&row.step)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Nullable<Text>, _>(&row.message)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Nullable<Json>, _>(&row.data)?;
+            out.push_sql(", ");
+            out.push_bind_param::<TimestamptzSqlite, _>(&row.at)?;
+            out.push_sql(")");
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone)]
 pub struct SqliteStore {
     path: PathBuf,

@@ -106,4 +106,44 @@ impl TestDatabase {
     pub fn url(&self) -> &str {
         &self.url
     }
+
+    /// How many rows of `table` (a table with a `batch_id` column) belong to a batch, read
+    /// straight from the database: for tests that check what the store's API cannot show,
+    /// such as rows left behind.
+    ///
+    /// # Panics
+    /// When the database cannot be read.
+    pub async fn count_batch_rows(&self, table: &str, batch_id: &str) -> i64 {
+        use diesel::sql_types::{BigInt, Text};
+        use diesel_async::{AsyncConnection, RunQueryDsl};
+
+        #[derive(diesel::QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        let count: Count = if let Some(path) = self.url.strip_prefix("sqlite://") {
+            let sql = format!("SELECT COUNT(*) AS n FROM {table} WHERE batch_id = ?");
+            let mut conn = diesel_async::sync_connection_wrapper::SyncConnectionWrapper::<
+                diesel::sqlite::SqliteConnection,
+            >::establish(path)
+            .await
+            .expect("open the test database");
+            diesel::sql_query(sql)
+                .bind::<Text, _>(batch_id)
+                .get_result(&mut conn)
+                .await
+        } else {
+            let sql = format!("SELECT COUNT(*) AS n FROM {table} WHERE batch_id = $1");
+            let mut conn = diesel_async::AsyncPgConnection::establish(&self.url)
+                .await
+                .expect("open the test database");
+            diesel::sql_query(sql)
+                .bind::<Text, _>(batch_id)
+                .get_result(&mut conn)
+                .await
+        }
+        .expect("count rows");
+        count.n
+    }
 }
