@@ -906,9 +906,23 @@ async fn claim_candidates(
     if request.max_items == 0 || queue_paused(c, &request.queue).await? {
         return Ok(Vec::new());
     }
+    // The status and `blocked` conditions are written out, not bound: only then can SQLite
+    // (and a generic PostgreSQL plan) tell that the partial index of claimable items holds
+    // every row asked for, and read it in claim order. With bound values SQLite read every
+    // item of every running batch and sorted them, on each claim.
     let rows: Vec<ItemRow> = skip_locked!(
-        ready_items!(items::table.filter(items::queue.eq(&request.queue)), now)
-            .filter(items::blocked.eq(false))
+        items::table
+            .filter(items::queue.eq(&request.queue))
+            .filter(diesel::dsl::sql::<diesel::sql_types::Bool>(CLAIMABLE))
+            .filter(items::next_attempt_at.is_null().or(items::next_attempt_at.le(now)))
+            .filter(
+                items::batch_id.eq_any(
+                    batches::table
+                        .filter(batches::status.eq_any([BatchStatus::Pending.as_str(), BatchStatus::Running.as_str()]))
+                        .filter(batches::run_at.is_null().or(batches::run_at.le(now)))
+                        .select(batches::id),
+                ),
+            )
             .order((items::priority.desc(), items::seq.asc()))
             .limit((request.max_items + taken.len()) as i64)
             .select(ItemRow::as_select())
@@ -1679,9 +1693,11 @@ impl crate::Store for ThisStore {
         let max_error_chars = self.max_error_chars;
         self.write(move |c| {
             Box::pin(async move {
+                // Written out, not bound, so that SQLite reads `items_running_leases` (see
+                // `claim_candidates`); with a bound status it read the whole table.
                 let expired: Vec<ItemRow> = skip_locked!(
                     items::table
-                        .filter(items::status.eq(ItemStatus::Running.as_str()))
+                        .filter(diesel::dsl::sql::<diesel::sql_types::Bool>("items.status = 'running'"))
                         .filter(items::lease_expires_at.lt(now))
                         .order(items::lease_expires_at.asc())
                         .limit(REQUEUE_BATCH)

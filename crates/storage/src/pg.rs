@@ -20,6 +20,9 @@ use crate::{Clock, StoreOptions};
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/postgres");
 const BACKEND: &str = "postgres";
 
+/// Claimable items, in the words of the `items_claimable` index's condition.
+const CLAIMABLE: &str = "items.status = 'pending' AND NOT items.blocked";
+
 type Conn = AsyncPgConnection;
 type ThisStore = PgStore;
 

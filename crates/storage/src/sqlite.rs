@@ -22,6 +22,9 @@ use crate::{Clock, StoreOptions};
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/sqlite");
 const BACKEND: &str = "sqlite";
 
+/// Claimable items, in the words of the `items_claimable` index's condition.
+const CLAIMABLE: &str = "items.status = 'pending' AND items.blocked = 0";
+
 type Conn = SyncConnectionWrapper<SqliteConnection>;
 type ThisStore = SqliteStore;
 
