@@ -915,14 +915,14 @@ async fn claim_candidates(
             .filter(items::queue.eq(&request.queue))
             .filter(diesel::dsl::sql::<diesel::sql_types::Bool>(CLAIMABLE))
             .filter(items::next_attempt_at.is_null().or(items::next_attempt_at.le(now)))
-            .filter(
-                items::batch_id.eq_any(
-                    batches::table
-                        .filter(batches::status.eq_any([BatchStatus::Pending.as_str(), BatchStatus::Running.as_str()]))
-                        .filter(batches::run_at.is_null().or(batches::run_at.le(now)))
-                        .select(batches::id),
-                ),
-            )
+            // Each candidate's batch is looked up by its key: a list of every batch that may
+            // run would be read in full on each claim.
+            .filter(diesel::dsl::exists(
+                batches::table
+                    .filter(batches::id.eq(items::batch_id))
+                    .filter(batches::status.eq_any([BatchStatus::Pending.as_str(), BatchStatus::Running.as_str()]))
+                    .filter(batches::run_at.is_null().or(batches::run_at.le(now))),
+            ))
             .order((items::priority.desc(), items::seq.asc()))
             .limit((request.max_items + taken.len()) as i64)
             .select(ItemRow::as_select())
