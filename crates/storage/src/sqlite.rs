@@ -23,6 +23,8 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/sqlit
 const BACKEND: &str = "sqlite";
 
 type Conn = SyncConnectionWrapper<SqliteConnection>;
+/// The SQL type of the times in hand-written SQL.
+type SqlTimestamp = diesel::sql_types::TimestamptzSqlite;
 type ThisStore = SqliteStore;
 
 macro_rules! locked {
