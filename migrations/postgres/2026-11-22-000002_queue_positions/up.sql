@@ -32,6 +32,12 @@ $$;
 -- buckets that lost items are updated, the ones that gained items upserted.
 CREATE FUNCTION items_pending_updated() RETURNS TRIGGER LANGUAGE plpgsql AS $$
 BEGIN
+    -- Most updates (finishes, lease renewals, reports) touch no pending item.
+    IF NOT EXISTS (
+        SELECT 1 FROM old_rows WHERE status = 'pending' UNION ALL SELECT 1 FROM new_rows WHERE status = 'pending'
+    ) THEN
+        RETURN NULL;
+    END IF;
     WITH changes AS (
         SELECT queue, priority, bucket, SUM(change) AS change FROM (
             SELECT queue, priority, seq / 1024 AS bucket, -1 AS change FROM old_rows WHERE status = 'pending'
