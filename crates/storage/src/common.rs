@@ -2,7 +2,7 @@
 // `include!("common.rs")`. The including module provides:
 // - `schema`: the backend's generated diesel schema;
 // - `Conn`: its connection type, and `Self::read_conn` / `Self::write_conn` on the store;
-// - `SqlTimestamp`: the SQL type of times, for hand-written SQL;
+// - `Db`: its diesel backend, and `SqlTimestamp` the SQL type of times, for hand-written SQL;
 // - `write_tx!(conn, |c| body)`: runs `body` in a write transaction (`BEGIN IMMEDIATE` on SQLite);
 // - `locked!(query)` / `skip_locked!(query)`: `FOR UPDATE [SKIP LOCKED]` on PostgreSQL, nothing
 //   on SQLite (whose write transactions are serialized);
@@ -889,72 +889,152 @@ const POSITION_BUCKET: i64 = 1_024;
 /// The number of ready items of `queue` that will be claimed before a pending item of
 /// `priority` and `seq` (claim order: priority DESC, then seq), in one statement:
 /// - the pending items ahead: the bucket counts of higher priorities and of earlier buckets of
-///   the same priority, plus an index count inside the item's own bucket (at most
-///   `POSITION_BUCKET - 1` entries of `items_pending`);
-/// - minus those of them waiting for a backoff, in batches that may run (`items_backoff`);
+///   the same priority, plus an index count inside the item's own bucket (fewer than
+///   `POSITION_BUCKET` entries of `items_pending`);
+/// - minus those of them waiting for a backoff, in batches that may run (`items_backoff`;
+///   the `+` keeps the planner off `items_pending`, which would read every item ahead);
 /// - minus those of them in batches that are paused, cancelling or not yet due
 ///   (`batches_waiting`). Items carry their batch's queue and priority and are inserted in
-///   index order, so a batch of another priority counts whole or not at all, and so does
-///   one that ends before `seq` or starts after it; only a batch whose items interleave
-///   with `seq` is counted by index.
-async fn ready_ahead(c: &mut Conn, queue: &str, priority: i32, seq: i64, now: OffsetDateTime) -> Result<i64, StoreError> {
-    use diesel::dsl::sql;
-    use diesel::sql_types::{BigInt, Integer, Text};
-    let bucket = seq.div_euclid(POSITION_BUCKET);
-    let expr = sql::<BigInt>("CAST((SELECT COALESCE(SUM(pending), 0) FROM queue_position_buckets WHERE queue = ")
-        .bind::<Text, _>(queue)
-        .sql(" AND (priority > ")
-        .bind::<Integer, _>(priority)
-        .sql(" OR (priority = ")
-        .bind::<Integer, _>(priority)
-        .sql(" AND bucket < ")
-        .bind::<BigInt, _>(bucket)
-        .sql("))) + (SELECT COUNT(*) FROM items WHERE queue = ")
-        .bind::<Text, _>(queue)
-        .sql(" AND status = 'pending' AND priority = ")
-        .bind::<Integer, _>(priority)
-        .sql(" AND seq >= ")
-        .bind::<BigInt, _>(bucket * POSITION_BUCKET)
-        .sql(" AND seq < ")
-        .bind::<BigInt, _>(seq)
-        // `+` keeps the planner off `items_pending` here, which would read every item ahead.
-        .sql(") - (SELECT COUNT(*) FROM items AS i WHERE i.queue = ")
-        .bind::<Text, _>(queue)
-        .sql(" AND i.status = 'pending' AND i.next_attempt_at IS NOT NULL AND i.next_attempt_at > ")
-        .bind::<SqlTimestamp, _>(now)
-        .sql(" AND (+i.priority > ")
-        .bind::<Integer, _>(priority)
-        .sql(" OR (+i.priority = ")
-        .bind::<Integer, _>(priority)
-        .sql(" AND +i.seq < ")
-        .bind::<BigInt, _>(seq)
-        .sql(")) AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = i.batch_id \
-              AND b.status IN ('pending', 'running') AND (b.run_at IS NULL OR b.run_at <= ")
-        .bind::<SqlTimestamp, _>(now)
-        .sql("))) - (SELECT COALESCE(SUM(CASE WHEN b.priority > ")
-        .bind::<Integer, _>(priority)
-        .sql(" THEN b.pending WHEN b.priority < ")
-        .bind::<Integer, _>(priority)
-        .sql(" THEN 0 WHEN (SELECT l.seq FROM items AS l WHERE l.batch_id = b.id ORDER BY l.item_index DESC LIMIT 1) < ")
-        .bind::<BigInt, _>(seq)
-        .sql(" THEN b.pending WHEN (SELECT f.seq FROM items AS f WHERE f.batch_id = b.id ORDER BY f.item_index LIMIT 1) > ")
-        .bind::<BigInt, _>(seq)
-        .sql(" THEN 0 ELSE (SELECT COUNT(*) FROM items AS i WHERE i.batch_id = b.id AND i.status = 'pending' AND i.seq < ")
-        .bind::<BigInt, _>(seq)
-        .sql(") END), 0) FROM batches AS b WHERE b.queue = ")
-        .bind::<Text, _>(queue)
-        .sql(" AND (status IN ('paused', 'cancelling') OR (run_at IS NOT NULL AND status IN ('pending', 'running'))) \
-              AND b.pending > 0 AND (b.status NOT IN ('pending', 'running') OR b.run_at > ")
-        .bind::<SqlTimestamp, _>(now)
-        .sql(")) AS BIGINT)");
-    Ok(diesel::select(expr).get_result(c).await?)
+///   index order, so a batch of another priority counts whole or not at all, and so does one
+///   that ends before `seq` or starts after it; only a batch whose items interleave with
+///   `seq` is counted by index.
+///
+/// Its text is fixed and its query id static, so each connection prepares it once (diesel
+/// never caches statements built with `sql`).
+struct ReadyAhead<'a> {
+    queue: &'a str,
+    priority: i32,
+    seq: i64,
+    bucket: i64,
+    bucket_start: i64,
+    now: OffsetDateTime,
+}
+
+impl<'a> ReadyAhead<'a> {
+    fn new(queue: &'a str, priority: i32, seq: i64, now: OffsetDateTime) -> Self {
+        let bucket = seq.div_euclid(POSITION_BUCKET);
+        Self { queue, priority, seq, bucket, bucket_start: bucket * POSITION_BUCKET, now }
+    }
+}
+
+impl diesel::query_builder::QueryId for ReadyAhead<'_> {
+    type QueryId = ReadyAhead<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::Query for ReadyAhead<'_> {
+    type SqlType = diesel::sql_types::BigInt;
+}
+
+impl diesel::query_builder::QueryFragment<Db> for ReadyAhead<'_> {
+    fn walk_ast<'b>(&'b self, mut out: diesel::query_builder::AstPass<'_, 'b, Db>) -> QueryResult<()> {
+        use diesel::sql_types::{BigInt, Integer, Text};
+        out.push_sql("SELECT CAST((SELECT COALESCE(SUM(pending), 0) FROM queue_position_buckets WHERE queue = ");
+        out.push_bind_param::<Text, _>(self.queue)?;
+        out.push_sql(" AND (priority > ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(" OR (priority = ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(" AND bucket < ");
+        out.push_bind_param::<BigInt, _>(&self.bucket)?;
+        out.push_sql("))) + (SELECT COUNT(*) FROM items WHERE queue = ");
+        out.push_bind_param::<Text, _>(self.queue)?;
+        out.push_sql(" AND status = 'pending' AND priority = ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(" AND seq >= ");
+        out.push_bind_param::<BigInt, _>(&self.bucket_start)?;
+        out.push_sql(" AND seq < ");
+        out.push_bind_param::<BigInt, _>(&self.seq)?;
+        out.push_sql(") - (SELECT COUNT(*) FROM items AS i WHERE i.queue = ");
+        out.push_bind_param::<Text, _>(self.queue)?;
+        out.push_sql(" AND i.status = 'pending' AND i.next_attempt_at IS NOT NULL AND i.next_attempt_at > ");
+        out.push_bind_param::<SqlTimestamp, _>(&self.now)?;
+        out.push_sql(" AND (+i.priority > ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(" OR (+i.priority = ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(" AND +i.seq < ");
+        out.push_bind_param::<BigInt, _>(&self.seq)?;
+        out.push_sql(
+            ")) AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = i.batch_id \
+             AND b.status IN ('pending', 'running') AND (b.run_at IS NULL OR b.run_at <= ",
+        );
+        out.push_bind_param::<SqlTimestamp, _>(&self.now)?;
+        out.push_sql("))) - (SELECT COALESCE(SUM(CASE WHEN b.priority > ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(" THEN b.pending WHEN b.priority < ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(
+            " THEN 0 WHEN (SELECT l.seq FROM items AS l WHERE l.batch_id = b.id ORDER BY l.item_index DESC LIMIT 1) < ",
+        );
+        out.push_bind_param::<BigInt, _>(&self.seq)?;
+        out.push_sql(
+            " THEN b.pending WHEN (SELECT f.seq FROM items AS f WHERE f.batch_id = b.id ORDER BY f.item_index LIMIT 1) > ",
+        );
+        out.push_bind_param::<BigInt, _>(&self.seq)?;
+        out.push_sql(" THEN 0 ELSE (SELECT COUNT(*) FROM items AS i WHERE i.batch_id = b.id AND i.status = 'pending' AND i.seq < ");
+        out.push_bind_param::<BigInt, _>(&self.seq)?;
+        out.push_sql(") END), 0) FROM batches AS b WHERE b.queue = ");
+        out.push_bind_param::<Text, _>(self.queue)?;
+        out.push_sql(
+            " AND (status IN ('paused', 'cancelling') OR (run_at IS NOT NULL AND status IN ('pending', 'running'))) \
+             AND b.pending > 0 AND (b.status NOT IN ('pending', 'running') OR b.run_at > ",
+        );
+        out.push_bind_param::<SqlTimestamp, _>(&self.now)?;
+        out.push_sql(")) AS BIGINT)");
+        Ok(())
+    }
+}
+
+/// The `seq` of the ready items of `queue` and `priority` from `from` to `to`, in claim order.
+/// The batch is looked up per item (`ready_items!` would list every ready batch first), and
+/// `status` is written out so that the partial index `items_pending` applies. Prepared once
+/// per connection, as [`ReadyAhead`].
+struct ReadySpan<'a> {
+    queue: &'a str,
+    priority: i32,
+    from: i64,
+    to: i64,
+    now: OffsetDateTime,
+}
+
+impl diesel::query_builder::QueryId for ReadySpan<'_> {
+    type QueryId = ReadySpan<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::Query for ReadySpan<'_> {
+    type SqlType = diesel::sql_types::BigInt;
+}
+
+impl diesel::query_builder::QueryFragment<Db> for ReadySpan<'_> {
+    fn walk_ast<'b>(&'b self, mut out: diesel::query_builder::AstPass<'_, 'b, Db>) -> QueryResult<()> {
+        use diesel::sql_types::{BigInt, Integer, Text};
+        out.push_sql("SELECT i.seq FROM items AS i WHERE i.queue = ");
+        out.push_bind_param::<Text, _>(self.queue)?;
+        out.push_sql(" AND i.status = 'pending' AND i.priority = ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(" AND i.seq >= ");
+        out.push_bind_param::<BigInt, _>(&self.from)?;
+        out.push_sql(" AND i.seq <= ");
+        out.push_bind_param::<BigInt, _>(&self.to)?;
+        out.push_sql(" AND (i.next_attempt_at IS NULL OR i.next_attempt_at <= ");
+        out.push_bind_param::<SqlTimestamp, _>(&self.now)?;
+        out.push_sql(
+            ") AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = i.batch_id \
+             AND b.status IN ('pending', 'running') AND (b.run_at IS NULL OR b.run_at <= ",
+        );
+        out.push_bind_param::<SqlTimestamp, _>(&self.now)?;
+        out.push_sql(")) ORDER BY i.seq");
+        Ok(())
+    }
 }
 
 /// Queue positions of the ready pending items among `rows`: 1 + the number of ready items
 /// of the same queue that will be claimed before each (claim order: priority, then `seq`).
 /// The candidates are taken in claim order, in runs of one priority spanning less than
-/// `POSITION_BUCKET` values of `seq`: a run costs one `ready_ahead` for its first item and one
-/// indexed read of the ready items from its first to its last, whatever the queue holds.
+/// `POSITION_BUCKET` values of `seq`: a run costs one [`ReadyAhead`] for its first item and
+/// one [`ReadySpan`] from its first to its last, whatever the queue holds.
 async fn positions(c: &mut Conn, rows: &[ItemRow], now: OffsetDateTime) -> Result<HashMap<i64, i64>, StoreError> {
     let mut by_queue: BTreeMap<&str, Vec<&ItemRow>> = BTreeMap::new();
     for r in rows {
@@ -978,26 +1058,8 @@ async fn positions(c: &mut Conn, rows: &[ItemRow], now: OffsetDateTime) -> Resul
             let (run, tail) = rest.split_at(len);
             rest = tail;
             let last = run[len - 1];
-            let before = ready_ahead(c, queue, first.priority, first.seq, now).await?;
-            // The ready items from the first candidate to the last, in claim order. The batch
-            // is looked up per item (`ready_items!` would list every ready batch first), and
-            // `status` is written out so that the partial index `items_pending` applies.
-            let span: Vec<i64> = items::table
-                .filter(items::queue.eq(queue))
-                .filter(diesel::dsl::sql::<diesel::sql_types::Bool>("items.status = 'pending'"))
-                .filter(items::priority.eq(first.priority))
-                .filter(items::seq.between(first.seq, last.seq))
-                .filter(items::next_attempt_at.is_null().or(items::next_attempt_at.le(now)))
-                .filter(
-                    diesel::dsl::sql::<diesel::sql_types::Bool>(
-                        "EXISTS (SELECT 1 FROM batches WHERE batches.id = items.batch_id \
-                         AND batches.status IN ('pending', 'running') AND (batches.run_at IS NULL OR batches.run_at <= ",
-                    )
-                    .bind::<SqlTimestamp, _>(now)
-                    .sql("))"),
-                )
-                .order(items::seq.asc())
-                .select(items::seq)
+            let before: i64 = ReadyAhead::new(queue, first.priority, first.seq, now).get_result(c).await?;
+            let span: Vec<i64> = ReadySpan { queue, priority: first.priority, from: first.seq, to: last.seq, now }
                 .load(c)
                 .await?;
             for r in run {

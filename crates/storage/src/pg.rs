@@ -21,6 +21,7 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/postg
 const BACKEND: &str = "postgres";
 
 type Conn = AsyncPgConnection;
+type Db = diesel::pg::Pg;
 /// The SQL type of the times in hand-written SQL.
 type SqlTimestamp = diesel::sql_types::Timestamptz;
 type ThisStore = PgStore;

@@ -23,6 +23,7 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/sqlit
 const BACKEND: &str = "sqlite";
 
 type Conn = SyncConnectionWrapper<SqliteConnection>;
+type Db = diesel::sqlite::Sqlite;
 /// The SQL type of the times in hand-written SQL.
 type SqlTimestamp = diesel::sql_types::TimestamptzSqlite;
 type ThisStore = SqliteStore;
