@@ -2,6 +2,7 @@
 // `include!("common.rs")`. The including module provides:
 // - `schema`: the backend's generated diesel schema;
 // - `Conn`: its connection type, and `Self::read_conn` / `Self::write_conn` on the store;
+// - `Db`: its diesel backend, and `SqlTimestamp` the SQL type of times, for hand-written SQL;
 // - `write_tx!(conn, |c| body)`: runs `body` in a write transaction (`BEGIN IMMEDIATE` on SQLite);
 // - `locked!(query)` / `skip_locked!(query)`: `FOR UPDATE [SKIP LOCKED]` on PostgreSQL, nothing
 //   on SQLite (whose write transactions are serialized);
@@ -853,23 +854,6 @@ fn claimable(status: BatchStatus) -> bool {
     matches!(status, BatchStatus::Pending | BatchStatus::Running)
 }
 
-/// The filter "ready to run now": pending, past any backoff, in a batch that may run.
-macro_rules! ready_items {
-    ($query:expr, $now:expr) => {
-        $query
-            .filter(items::status.eq(ItemStatus::Pending.as_str()))
-            .filter(items::next_attempt_at.is_null().or(items::next_attempt_at.le($now)))
-            .filter(
-                items::batch_id.eq_any(
-                    batches::table
-                        .filter(batches::status.eq_any([BatchStatus::Pending.as_str(), BatchStatus::Running.as_str()]))
-                        .filter(batches::run_at.is_null().or(batches::run_at.le($now)))
-                        .select(batches::id),
-                ),
-            )
-    };
-}
-
 async fn queue_paused(c: &mut Conn, queue: &str) -> Result<bool, StoreError> {
     Ok(queue_states::table
         .find(queue)
@@ -1086,9 +1070,160 @@ fn claimed_items(claimed: Vec<StartedFrom>, rows: Vec<ItemRow>) -> Vec<ClaimedIt
         .collect()
 }
 
+/// Pending items (blocked ones included) are counted per queue, priority and bucket of this
+/// many `seq` values by the triggers of migrations/*/2026-11-22-000002_queue_positions,
+/// whose SQL divides by the same number.
+const POSITION_BUCKET: i64 = 1_024;
+
+/// The number of ready items of `queue` that will be claimed before a pending item of
+/// `priority` and `seq` (claim order: priority DESC, then seq), in one statement:
+/// - the pending items ahead: the bucket counts of higher priorities and of earlier buckets of
+///   the same priority, plus an index count inside the item's own bucket (fewer than
+///   `POSITION_BUCKET` entries of `items_pending`);
+/// - minus those of them waiting for a backoff, in batches that may run (`items_backoff`;
+///   the `+` keeps the planner off `items_pending`, which would read every item ahead);
+/// - minus those of them in batches that are paused, cancelling or not yet due
+///   (`batches_waiting`). Items carry their batch's queue and priority and are inserted in
+///   index order, so a batch of another priority counts whole or not at all, and so does one
+///   that ends before `seq` or starts after it; only a batch whose items interleave with
+///   `seq` is counted by index.
+///
+/// Its text is fixed and its query id static, so each connection prepares it once (diesel
+/// never caches statements built with `sql`).
+struct ReadyAhead<'a> {
+    queue: &'a str,
+    priority: i32,
+    seq: i64,
+    bucket: i64,
+    bucket_start: i64,
+    now: OffsetDateTime,
+}
+
+impl<'a> ReadyAhead<'a> {
+    fn new(queue: &'a str, priority: i32, seq: i64, now: OffsetDateTime) -> Self {
+        let bucket = seq.div_euclid(POSITION_BUCKET);
+        Self { queue, priority, seq, bucket, bucket_start: bucket * POSITION_BUCKET, now }
+    }
+}
+
+impl diesel::query_builder::QueryId for ReadyAhead<'_> {
+    type QueryId = ReadyAhead<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::Query for ReadyAhead<'_> {
+    type SqlType = diesel::sql_types::BigInt;
+}
+
+impl diesel::query_builder::QueryFragment<Db> for ReadyAhead<'_> {
+    fn walk_ast<'b>(&'b self, mut out: diesel::query_builder::AstPass<'_, 'b, Db>) -> QueryResult<()> {
+        use diesel::sql_types::{BigInt, Integer, Text};
+        out.push_sql("SELECT CAST((SELECT COALESCE(SUM(pending), 0) FROM queue_position_buckets WHERE queue = ");
+        out.push_bind_param::<Text, _>(self.queue)?;
+        out.push_sql(" AND (priority > ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(" OR (priority = ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(" AND bucket < ");
+        out.push_bind_param::<BigInt, _>(&self.bucket)?;
+        out.push_sql("))) + (SELECT COUNT(*) FROM items WHERE queue = ");
+        out.push_bind_param::<Text, _>(self.queue)?;
+        out.push_sql(" AND status = 'pending' AND priority = ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(" AND seq >= ");
+        out.push_bind_param::<BigInt, _>(&self.bucket_start)?;
+        out.push_sql(" AND seq < ");
+        out.push_bind_param::<BigInt, _>(&self.seq)?;
+        out.push_sql(") - (SELECT COUNT(*) FROM items AS i WHERE i.queue = ");
+        out.push_bind_param::<Text, _>(self.queue)?;
+        out.push_sql(" AND i.status = 'pending' AND i.next_attempt_at IS NOT NULL AND i.next_attempt_at > ");
+        out.push_bind_param::<SqlTimestamp, _>(&self.now)?;
+        out.push_sql(" AND (+i.priority > ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(" OR (+i.priority = ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(" AND +i.seq < ");
+        out.push_bind_param::<BigInt, _>(&self.seq)?;
+        out.push_sql(
+            ")) AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = i.batch_id \
+             AND b.status IN ('pending', 'running') AND (b.run_at IS NULL OR b.run_at <= ",
+        );
+        out.push_bind_param::<SqlTimestamp, _>(&self.now)?;
+        out.push_sql("))) - (SELECT COALESCE(SUM(CASE WHEN b.priority > ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(" THEN b.pending WHEN b.priority < ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(
+            " THEN 0 WHEN (SELECT l.seq FROM items AS l WHERE l.batch_id = b.id ORDER BY l.item_index DESC LIMIT 1) < ",
+        );
+        out.push_bind_param::<BigInt, _>(&self.seq)?;
+        out.push_sql(
+            " THEN b.pending WHEN (SELECT f.seq FROM items AS f WHERE f.batch_id = b.id ORDER BY f.item_index LIMIT 1) > ",
+        );
+        out.push_bind_param::<BigInt, _>(&self.seq)?;
+        out.push_sql(" THEN 0 ELSE (SELECT COUNT(*) FROM items AS i WHERE i.batch_id = b.id AND i.status = 'pending' AND i.seq < ");
+        out.push_bind_param::<BigInt, _>(&self.seq)?;
+        out.push_sql(") END), 0) FROM batches AS b WHERE b.queue = ");
+        out.push_bind_param::<Text, _>(self.queue)?;
+        out.push_sql(
+            " AND (status IN ('paused', 'cancelling') OR (run_at IS NOT NULL AND status IN ('pending', 'running'))) \
+             AND b.pending > 0 AND (b.status NOT IN ('pending', 'running') OR b.run_at > ",
+        );
+        out.push_bind_param::<SqlTimestamp, _>(&self.now)?;
+        out.push_sql(")) AS BIGINT)");
+        Ok(())
+    }
+}
+
+/// The `seq` of the ready items of `queue` and `priority` from `from` to `to`, in claim order.
+/// The batch is looked up per item (`ready_items!` would list every ready batch first), and
+/// `status` is written out so that the partial index `items_pending` applies. Prepared once
+/// per connection, as [`ReadyAhead`].
+struct ReadySpan<'a> {
+    queue: &'a str,
+    priority: i32,
+    from: i64,
+    to: i64,
+    now: OffsetDateTime,
+}
+
+impl diesel::query_builder::QueryId for ReadySpan<'_> {
+    type QueryId = ReadySpan<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::Query for ReadySpan<'_> {
+    type SqlType = diesel::sql_types::BigInt;
+}
+
+impl diesel::query_builder::QueryFragment<Db> for ReadySpan<'_> {
+    fn walk_ast<'b>(&'b self, mut out: diesel::query_builder::AstPass<'_, 'b, Db>) -> QueryResult<()> {
+        use diesel::sql_types::{BigInt, Integer, Text};
+        out.push_sql("SELECT i.seq FROM items AS i WHERE i.queue = ");
+        out.push_bind_param::<Text, _>(self.queue)?;
+        out.push_sql(" AND i.status = 'pending' AND i.priority = ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(" AND i.seq >= ");
+        out.push_bind_param::<BigInt, _>(&self.from)?;
+        out.push_sql(" AND i.seq <= ");
+        out.push_bind_param::<BigInt, _>(&self.to)?;
+        out.push_sql(" AND (i.next_attempt_at IS NULL OR i.next_attempt_at <= ");
+        out.push_bind_param::<SqlTimestamp, _>(&self.now)?;
+        out.push_sql(
+            ") AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = i.batch_id \
+             AND b.status IN ('pending', 'running') AND (b.run_at IS NULL OR b.run_at <= ",
+        );
+        out.push_bind_param::<SqlTimestamp, _>(&self.now)?;
+        out.push_sql(")) ORDER BY i.seq");
+        Ok(())
+    }
+}
+
 /// Queue positions of the ready pending items among `rows`: 1 + the number of ready items
 /// of the same queue that will be claimed before each (claim order: priority, then `seq`).
-/// Two counting queries per queue, whatever the page holds.
+/// The candidates are taken in claim order, in runs of one priority spanning less than
+/// `POSITION_BUCKET` values of `seq`: a run costs one [`ReadyAhead`] for its first item and
+/// one [`ReadySpan`] from its first to its last, whatever the queue holds.
 async fn positions(c: &mut Conn, rows: &[ItemRow], now: OffsetDateTime) -> Result<HashMap<i64, i64>, StoreError> {
     let mut by_queue: BTreeMap<&str, Vec<&ItemRow>> = BTreeMap::new();
     for r in rows {
@@ -1103,25 +1238,23 @@ async fn positions(c: &mut Conn, rows: &[ItemRow], now: OffsetDateTime) -> Resul
             continue;
         }
         candidates.sort_by_key(|r| (std::cmp::Reverse(r.priority), r.seq));
-        let (Some(first), Some(last)) = (<[_]>::first(&candidates), <[_]>::last(&candidates)) else { continue };
-        let (p0, s0, p1, s1) = (first.priority, first.seq, last.priority, last.seq);
-        let before: i64 = ready_items!(items::table.filter(items::queue.eq(queue)), now)
-            .filter(items::priority.gt(p0).or(items::priority.eq(p0).and(items::seq.lt(s0))))
-            .count()
-            .get_result(c)
-            .await?;
-        // The ready items from the first candidate to the last, in claim order.
-        let span: Vec<(i32, i64)> = ready_items!(items::table.filter(items::queue.eq(queue)), now)
-            .filter(items::priority.lt(p0).or(items::priority.eq(p0).and(items::seq.ge(s0))))
-            .filter(items::priority.gt(p1).or(items::priority.eq(p1).and(items::seq.le(s1))))
-            .order((items::priority.desc(), items::seq.asc()))
-            .select((items::priority, items::seq))
-            .load(c)
-            .await?;
-        let rank: HashMap<i64, i64> = span.iter().enumerate().map(|(i, (_, seq))| (*seq, i as i64)).collect();
-        for r in candidates {
-            if let Some(i) = rank.get(&r.seq) {
-                out.insert(r.seq, before + 1 + i);
+        let mut rest = candidates.as_slice();
+        while let Some(first) = rest.first() {
+            let len = rest
+                .iter()
+                .take_while(|r| r.priority == first.priority && r.seq - first.seq < POSITION_BUCKET)
+                .count();
+            let (run, tail) = rest.split_at(len);
+            rest = tail;
+            let last = run[len - 1];
+            let before: i64 = ReadyAhead::new(queue, first.priority, first.seq, now).get_result(c).await?;
+            let span: Vec<i64> = ReadySpan { queue, priority: first.priority, from: first.seq, to: last.seq, now }
+                .load(c)
+                .await?;
+            for r in run {
+                if let Ok(i) = span.binary_search(&r.seq) {
+                    out.insert(r.seq, before + 1 + i as i64);
+                }
             }
         }
     }

@@ -24,6 +24,9 @@ const BACKEND: &str = "postgres";
 const CLAIMABLE: &str = "items.status = 'pending' AND NOT items.blocked";
 
 type Conn = AsyncPgConnection;
+type Db = diesel::pg::Pg;
+/// The SQL type of the times in hand-written SQL.
+type SqlTimestamp = diesel::sql_types::Timestamptz;
 type ThisStore = PgStore;
 
 macro_rules! locked {

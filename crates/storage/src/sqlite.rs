@@ -26,6 +26,9 @@ const BACKEND: &str = "sqlite";
 const CLAIMABLE: &str = "items.status = 'pending' AND items.blocked = 0";
 
 type Conn = SyncConnectionWrapper<SqliteConnection>;
+type Db = diesel::sqlite::Sqlite;
+/// The SQL type of the times in hand-written SQL.
+type SqlTimestamp = diesel::sql_types::TimestamptzSqlite;
 type ThisStore = SqliteStore;
 
 macro_rules! locked {

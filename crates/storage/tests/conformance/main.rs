@@ -9,4 +9,5 @@ mod claims;
 mod concurrency;
 mod control;
 mod crash;
+mod positions;
 mod webhooks;
