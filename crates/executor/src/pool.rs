@@ -20,8 +20,10 @@ use tokio_util::task::TaskTracker;
 use crate::handler::{BatchContext, BatchInfo, Completion, Handler, HandlerError, HandlerRegistry, ItemContext, Retry};
 use crate::limiter::TokenBucket;
 
-/// Items claimed per claim at most.
-const MAX_CLAIM: usize = 500;
+/// Items claimed per claim at most. A claim holds that many of the node's slots
+/// (`executor.max_running`, shared by every queue) while it runs, so it stays well below
+/// the node's limit.
+const MAX_CLAIM: usize = 100;
 /// While a queue has items running, it claims again only once this share of its slots
 /// (at most `MAX_CLAIM`) is free: one claim of many items instead of many claims of one,
 /// each its own transaction, as slots free up one by one.
@@ -304,7 +306,7 @@ async fn claim_loop(inner: Arc<Inner>, queue: QueueConfig, handler: Arc<dyn Hand
                     for item in items {
                         let Some(permits) = permits.pop() else { break };
                         let slot = Slot {
-                            _permits: permits,
+                            permits: Some(permits),
                             freed: slot_freed.clone(),
                         };
                         start_item(&inner, &queue, &handler, item, slot);
@@ -359,12 +361,15 @@ async fn claim_loop(inner: Arc<Inner>, queue: QueueConfig, handler: Arc<dyn Hand
 /// attempt's result is handed to the writer: the claim that reuses it then lands in the same
 /// transaction as that result, or a later one, never an earlier one.
 struct Slot {
-    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
     freed: Arc<Notify>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        // The permits go back before the claim loop is told, or it could wake, find no
+        // free slot, and sleep until the next poll.
+        drop(self.permits.take());
         self.freed.notify_one();
     }
 }
