@@ -633,14 +633,7 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Write>) {
                 next = rx.try_recv().ok();
             }
         }
-        let outcome = if claims.is_empty() {
-            store
-                .finish(finishes.clone())
-                .await
-                .map(|results| (results, Vec::new()))
-        } else {
-            store.finish_and_claim(finishes.clone(), claims).await
-        };
+        let outcome = store.finish_and_claim(finishes.clone(), claims).await;
         let results = match outcome {
             Ok((results, claimed)) => {
                 for (reply, items) in claim_replies.into_iter().zip(claimed) {

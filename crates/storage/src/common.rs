@@ -891,8 +891,8 @@ async fn claim_candidates(
         return Ok(Vec::new());
     }
     // The status and `blocked` conditions are written out, not bound: only then can SQLite
-    // (and a generic PostgreSQL plan) tell that the partial index of claimable items holds
-    // every row asked for, and read it in claim order. With bound values SQLite read every
+    // (and a generic PostgreSQL plan) tell that the partial indexes of pending items hold
+    // every row asked for, and read one in claim order. With bound values SQLite read every
     // item of every running batch and sorted them, on each claim.
     let rows: Vec<ItemRow> = skip_locked!(
         items::table
