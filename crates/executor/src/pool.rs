@@ -633,9 +633,18 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Write>) {
                 next = rx.try_recv().ok();
             }
         }
+        let started = tokio::time::Instant::now();
+        let wanted: usize = claims.iter().map(|c| c.max_items).sum();
         let outcome = store.finish_and_claim(finishes.clone(), claims).await;
         let results = match outcome {
             Ok((results, claimed)) => {
+                tracing::debug!(
+                    results = finishes.len(),
+                    wanted,
+                    claimed = claimed.iter().map(Vec::len).sum::<usize>(),
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "group commit"
+                );
                 for (reply, items) in claim_replies.into_iter().zip(claimed) {
                     let _ = reply.send(Ok(items));
                 }

@@ -266,8 +266,10 @@ fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    // Warnings only, unless `BATCHD__LOG__LEVEL` asks for more (e.g. the executor's
+    // `group commit` lines at debug).
     let mut log = Settings::defaults()?.log;
-    log.level = "warn".to_owned();
+    log.level = std::env::var("BATCHD__LOG__LEVEL").unwrap_or_else(|_| "warn".to_owned());
     init_logging(&log)?;
     let options = BenchOptions {
         backend: args.backend,
