@@ -2,6 +2,7 @@
 
 #[macro_use]
 mod macros;
+pub mod claim;
 mod config;
 mod counts;
 mod error;
