@@ -3,21 +3,35 @@
 // - `schema`: the backend's generated diesel schema;
 // - `Conn`: its connection type, and `Self::read_conn` / `Self::write_conn` on the store;
 // - `Db`: its diesel backend, and `SqlTimestamp` the SQL type of times, for hand-written SQL;
-// - `write_tx!(conn, |c| body)`: runs `body` in a write transaction (`BEGIN IMMEDIATE` on SQLite);
+// - `Self::transaction(f)`: runs `f` in a write transaction (`BEGIN IMMEDIATE` on SQLite, the
+//   whole transaction in one trip to a blocking thread);
 // - `locked!(query)` / `skip_locked!(query)`: `FOR UPDATE [SKIP LOCKED]` on PostgreSQL, nothing
 //   on SQLite (whose write transactions are serialized);
 // - `insert_rows!(c, table, rows)`: a multi-row insert of owned rows;
+// - `save_items`, `insert_items`, `insert_event_runs`, `complete_fresh`, `complete_own`,
+//   `delete_entries`, `lock_end_rows_by_id`, `lock_batch_rows` and
+//   `next_batch_seq`: the statements of the hot path, in each backend's best form;
 // - `Self::notify_in_tx(c, &notices)` and `Self::after_commit(notices)`.
 //
-// Lock order, so that transactions never wait on each other in a cycle: item rows first, then
-// batch rows in id order. The one exception, cancelling a batch (and `fail_batch` cancelling
-// the rest), takes the batch first and skips item rows another transaction holds; that
-// transaction (a claim) sees the batch's new status once it gets the batch and cancels its
-// own items.
+// How items are claimed (migration 2026-12-04-000004_range_claims has the long version): a
+// parallel batch is claimed through its cursor, `next_index`, in ranges that write one lease
+// row and no item row; a row that says `pending`, never started and lies below the cursor is
+// running under such a range (`batchd_domain::claim`). Every other pending item waits in
+// `queue_entries` and is claimed one by one, into `running` in its own row and a lease row of
+// its own. Every running item has one lease row; expired leases are found there.
+//
+// Lock order, so that transactions never wait on each other in a cycle: queue entries, then
+// item rows, then batch rows in id order, then lease rows. The one exception, cancelling a
+// batch (and `fail_batch` cancelling the rest), takes the batch first and skips item rows and
+// queue entries another transaction holds; that transaction (a claim) sees the batch's new
+// status once it gets the batch and cancels its own items. Queue entries are always deleted
+// skipping the ones another transaction holds: a claim that holds one finds its item ended
+// and drops the entry itself.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
+use batchd_domain::claim::{ClaimCursor, Waiting, parse_range_token, range_lease_token};
 use batchd_domain::transition::{batch as batch_sm, item as item_sm};
 use batchd_domain::{
     BatchStatus, CancelReason, Counts, DeliveryStatus, EventType, FailureDecision, ItemStatus, JsonMap, Mode,
@@ -28,7 +42,10 @@ use diesel_async::RunQueryDsl;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-use self::schema::{batches, events, items, queue_states, webhook_attempts, webhook_deliveries};
+use self::schema::{
+    batches, event_runs, items, leases, queue_entries, queue_states, webhook_attempts,
+    webhook_deliveries,
+};
 use crate::model::*;
 use crate::notify::Notice;
 use crate::{Readiness, StoreError};
@@ -72,27 +89,11 @@ struct BatchRow {
     started_at: Option<OffsetDateTime>,
     updated_at: OffsetDateTime,
     completed_at: Option<OffsetDateTime>,
+    seq: i64,
+    next_index: i32,
+    unclaimed: i64,
 }
 
-/// The columns of a batch that change after it is created.
-#[derive(Debug, AsChangeset)]
-#[diesel(table_name = batches, treat_none_as_null = true)]
-struct BatchState<'a> {
-    status: &'a str,
-    pending: i64,
-    running: i64,
-    completed: i64,
-    failed: i64,
-    cancelled: i64,
-    needs_input: i64,
-    message: Option<&'a str>,
-    error: Option<&'a str>,
-    result: Option<&'a Value>,
-    last_event_seq: i64,
-    started_at: Option<OffsetDateTime>,
-    updated_at: OffsetDateTime,
-    completed_at: Option<OffsetDateTime>,
-}
 
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = items)]
@@ -102,7 +103,6 @@ struct ItemRow {
     batch_id: String,
     tenant: String,
     queue: String,
-    priority: i32,
     item_index: i32,
     custom_id: Option<String>,
     input: Value,
@@ -175,18 +175,228 @@ struct NewItemRow {
     updated_at: OffsetDateTime,
 }
 
+/// What a claim reads of an item taken in a range: what its handler needs.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = items)]
+struct FreshRow {
+    id: String,
+    tenant: String,
+    item_index: i32,
+    custom_id: Option<String>,
+    input: Value,
+    config: Value,
+    answer: Option<Value>,
+    status: String,
+    attempts: i32,
+    max_attempts: i32,
+    started_at: Option<OffsetDateTime>,
+    updated_at: OffsetDateTime,
+}
+
+/// What ending an attempt the general way reads of an item first (locked): enough to check
+/// its lease; the whole row is read only once the lease holds.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = items)]
+struct EndRow {
+    seq: i64,
+    id: String,
+    batch_id: String,
+    item_index: i32,
+    status: String,
+    lease_token: Option<String>,
+    cancel_reason: Option<String>,
+    started_at: Option<OffsetDateTime>,
+}
+
+/// A completion of an item running under a range lease, as `complete_fresh` writes it: the
+/// row must still say `pending`, never started, in the lease's batch.
+#[derive(Debug, Clone)]
+struct FreshEnd {
+    id: String,
+    batch_id: String,
+    item_index: i32,
+    started_at: OffsetDateTime,
+    result: Value,
+}
+
+/// A completion of an item claimed one by one, as `complete_own` writes it: the row must
+/// still be running under this token.
+#[derive(Debug, Clone)]
+struct OwnEnd {
+    id: String,
+    token: String,
+    result: Value,
+}
+
+/// What a completion on the hot path returns of the row it wrote.
+#[derive(Debug, Clone, Queryable)]
+struct CompletedItem {
+    seq: i64,
+    id: String,
+    batch_id: String,
+    item_index: i32,
+    custom_id: Option<String>,
+    step: Option<String>,
+    message: Option<String>,
+    attempts: i32,
+}
+
+/// The SQL types of [`CompletedItem`], in its order.
+type CompletedItemSql = (
+    diesel::sql_types::BigInt,
+    diesel::sql_types::Text,
+    diesel::sql_types::Text,
+    diesel::sql_types::Integer,
+    diesel::sql_types::Nullable<diesel::sql_types::Text>,
+    diesel::sql_types::Nullable<diesel::sql_types::Text>,
+    diesel::sql_types::Nullable<diesel::sql_types::Text>,
+    diesel::sql_types::Integer,
+);
+
+/// A pending item waiting to be claimed one by one.
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
-#[diesel(table_name = events, treat_none_as_default_value = false)]
+#[diesel(table_name = queue_entries, treat_none_as_default_value = false)]
+struct EntryRow {
+    item_seq: i64,
+    batch_id: String,
+    queue: String,
+    priority: i32,
+    batch_seq: i64,
+    item_index: i32,
+    blocked: bool,
+    not_before: Option<OffsetDateTime>,
+}
+
+/// A lease: a range of a batch's items claimed together, or one item (`item_seq`).
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = leases)]
+struct LeaseRow {
+    id: i64,
+    batch_id: String,
+    first_index: i32,
+    last_index: i32,
+    item_seq: Option<i64>,
+    owner: String,
+    secret: String,
+    started_at: OffsetDateTime,
+    expires_at: OffsetDateTime,
+}
+
+impl LeaseRow {
+    fn covers(&self, index: i32) -> bool {
+        self.item_seq.is_none() && self.first_index <= index && index <= self.last_index
+    }
+
+    /// Whether `token` is the lease token of item `index` of this range.
+    fn holds(&self, index: i32, token: &str) -> bool {
+        self.covers(index) && range_lease_token(self.id, &self.secret, index) == token
+    }
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = leases, treat_none_as_default_value = false)]
+struct NewLeaseRow {
+    batch_id: String,
+    queue: String,
+    first_index: i32,
+    last_index: i32,
+    item_seq: Option<i64>,
+    owner: String,
+    secret: String,
+    running: i32,
+    started_at: OffsetDateTime,
+    expires_at: OffsetDateTime,
+}
+
+/// One timeline event, as a run stores it (see `event_runs`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct EventRow {
+    #[serde(skip)]
     batch_id: String,
     seq: i64,
     item_id: Option<String>,
     item_index: Option<i32>,
+    #[serde(rename = "type")]
     event_type: String,
     step: Option<String>,
     message: Option<String>,
     data: Option<Value>,
+    #[serde(with = "run_time")]
     at: OffsetDateTime,
+}
+
+/// An event's time in a run: microseconds since the Unix epoch. Rows moved from the old
+/// `events` table of SQLite hold the time's text instead.
+mod run_time {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use time::OffsetDateTime;
+
+    pub(super) fn serialize<S: Serializer>(at: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i64((at.unix_timestamp_nanos() / 1_000) as i64)
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Micros(i64),
+        Text(String),
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<OffsetDateTime, D::Error> {
+        use serde::de::Error;
+        match Stored::deserialize(d)? {
+            Stored::Micros(micros) => OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000)
+                .map_err(|e| D::Error::custom(e.to_string())),
+            Stored::Text(text) => {
+                const SQLITE: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+                    "[year]-[month]-[day] [hour]:[minute]:[second][optional [.[subsecond]]][offset_hour sign:mandatory]:[offset_minute]"
+                );
+                OffsetDateTime::parse(&text, SQLITE)
+                    .or_else(|_| OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339))
+                    .map_err(|e| D::Error::custom(format!("an event time `{text}`: {e}")))
+            }
+        }
+    }
+}
+
+/// A run of a batch's events, consecutive in `seq`, as stored.
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = event_runs)]
+struct EventRunRow {
+    batch_id: String,
+    first_seq: i64,
+    last_seq: i64,
+    events: String,
+}
+
+/// Runs are cut once their JSON passes this size: below the 2 KB past which PostgreSQL
+/// compresses a value and moves it out of line.
+const EVENT_RUN_BYTES: usize = 1_800;
+
+/// Packs events (each batch's in `seq` order, batches one after another) into runs.
+fn event_runs_of(events: Vec<EventRow>) -> Result<Vec<EventRunRow>, StoreError> {
+    let mut runs: Vec<EventRunRow> = Vec::new();
+    let mut open: Option<EventRunRow> = None;
+    for event in events {
+        let json = serde_json::to_string(&event).map_err(|e| StoreError::Corrupt(format!("an event: {e}")))?;
+        let joins = open.as_ref().is_some_and(|run| {
+            run.batch_id == event.batch_id && run.last_seq + 1 == event.seq && run.events.len() + json.len() < EVENT_RUN_BYTES
+        });
+        if joins {
+            if let Some(run) = open.as_mut() {
+                run.events.pop();
+                run.events.push(',');
+                run.events.push_str(&json);
+                run.events.push(']');
+                run.last_seq = event.seq;
+            }
+        } else {
+            runs.extend(open.take());
+            open = Some(EventRunRow { batch_id: event.batch_id, first_seq: event.seq, last_seq: event.seq, events: format!("[{json}]") });
+        }
+    }
+    runs.extend(open);
+    Ok(runs)
 }
 
 #[derive(Debug, Insertable)]
@@ -245,6 +455,19 @@ impl ItemRow {
         self.cancel_reason.as_deref().map(str::parse).transpose().map_err(StoreError::from)
     }
 
+    fn snapshot(&self) -> ItemSnapshot<'_> {
+        ItemSnapshot {
+            id: &self.id,
+            index: self.item_index,
+            custom_id: self.custom_id.as_deref(),
+            status: &self.status,
+            step: self.step.as_deref(),
+            message: self.message.as_deref(),
+            result: self.result.as_ref(),
+            error: self.error.as_deref(),
+        }
+    }
+
     fn state(&self) -> ItemState<'_> {
         ItemState {
             status: &self.status,
@@ -281,6 +504,20 @@ impl ItemRow {
         self.completed_at = to.is_ended().then_some(now);
         if to != ItemStatus::Pending {
             self.next_attempt_at = None;
+        }
+    }
+
+    /// Shows an item that runs under a range lease as running, as its row would say had the
+    /// claim written it.
+    fn show_running_under(&mut self, lease: Option<&LeaseRow>) {
+        self.status = ItemStatus::Running.as_str().to_owned();
+        self.attempts += 1;
+        if let Some(lease) = lease {
+            self.lease_owner = Some(lease.owner.clone());
+            self.lease_token = Some(range_lease_token(lease.id, &lease.secret, self.item_index));
+            self.lease_expires_at = Some(lease.expires_at);
+            self.started_at = Some(lease.started_at);
+            self.updated_at = lease.started_at;
         }
     }
 
@@ -353,6 +590,24 @@ impl BatchRow {
         Ok(self.mode.parse()?)
     }
 
+    fn cursor(&self) -> ClaimCursor {
+        ClaimCursor {
+            sequential: self.mode == Mode::Sequential.as_str(),
+            next_index: self.next_index,
+        }
+    }
+
+    /// Whether an item row of this batch says `pending` but runs under a range lease.
+    fn runs_under_range(&self, status: &str, started_at: Option<OffsetDateTime>, index: i32) -> bool {
+        self.cursor()
+            .runs_under_range(status == ItemStatus::Pending.as_str(), started_at.is_some(), index)
+    }
+
+    /// Whether its pending items may be claimed now (the queue aside).
+    fn ready(&self, now: OffsetDateTime) -> Result<bool, StoreError> {
+        Ok(claimable(self.status()?) && self.run_at.is_none_or(|t| t <= now))
+    }
+
     fn webhook_events(&self) -> Vec<EventType> {
         match &self.webhook_events {
             Some(Value::Array(list)) => list.iter().filter_map(|v| v.as_str()?.parse().ok()).collect(),
@@ -360,8 +615,9 @@ impl BatchRow {
         }
     }
 
-    fn state(&self) -> BatchState<'_> {
-        BatchState {
+    /// The statement that writes the columns of the batch that change after it is created.
+    fn update(&self) -> UpdateBatch<'_> {
+        UpdateBatch {
             status: &self.status,
             pending: self.pending,
             running: self.running,
@@ -376,6 +632,10 @@ impl BatchRow {
             started_at: self.started_at,
             updated_at: self.updated_at,
             completed_at: self.completed_at,
+            next_index: self.next_index,
+            unclaimed: self.unclaimed,
+            id: &self.id,
+            _row: std::marker::PhantomData,
         }
     }
 
@@ -412,25 +672,65 @@ impl BatchRow {
 }
 
 /// An item's fields as a webhook or event sees them at the moment of a change.
+#[derive(Debug, Clone, Copy)]
 struct ItemSnapshot<'a> {
-    row: &'a ItemRow,
+    id: &'a str,
+    index: i32,
+    custom_id: Option<&'a str>,
+    status: &'a str,
+    step: Option<&'a str>,
+    message: Option<&'a str>,
+    result: Option<&'a Value>,
+    error: Option<&'a str>,
 }
 
 /// A batch locked inside a write transaction, with the changes made to it so far. Every
 /// change of its counters goes through `move_item`, every change of status through
-/// `set_status`, so events and webhook rows cannot be forgotten.
+/// `set_status`, every item that starts or stops waiting through `enter_pending` and
+/// `leave_pending`, and every item that stops running through `leave_running`, so events,
+/// webhook rows, queue entries and leases cannot be forgotten.
 struct Touched {
     row: BatchRow,
     before: BatchRow,
+    /// The batch's pending items as the position counts know them.
+    pending_counted: i64,
     events: Vec<EventRow>,
     deliveries: Vec<NewDeliveryRow>,
     /// A sequential batch whose head may have ended: unblock its next item.
     advance: bool,
+    entries_add: Vec<EntryRow>,
+    entries_remove: Vec<i64>,
+    leases_add: Vec<NewLeaseRow>,
+    /// Items whose own lease goes.
+    leases_end: Vec<i64>,
+    /// Range leases and how many of their items stopped running under them.
+    ranges_end: BTreeMap<i64, i32>,
+    /// Items taken out of a range lease in this transaction, and the lease each gets of its
+    /// own if it is still running at the end.
+    materialized: HashMap<i64, NewLeaseRow>,
 }
 
 impl Touched {
     fn new(row: BatchRow) -> Self {
-        Self { before: row.clone(), row, events: Vec::new(), deliveries: Vec::new(), advance: false }
+        Self {
+            pending_counted: row.pending,
+            before: row.clone(),
+            row,
+            events: Vec::new(),
+            deliveries: Vec::new(),
+            advance: false,
+            entries_add: Vec::new(),
+            entries_remove: Vec::new(),
+            leases_add: Vec::new(),
+            leases_end: Vec::new(),
+            ranges_end: BTreeMap::new(),
+            materialized: HashMap::new(),
+        }
+    }
+
+    /// A batch created in this transaction: none of its items is counted yet.
+    fn created(row: BatchRow) -> Self {
+        Self { pending_counted: 0, ..Self::new(row) }
     }
 
     fn status(&self) -> Result<BatchStatus, StoreError> {
@@ -438,9 +738,76 @@ impl Touched {
     }
 
     fn move_item(&mut self, from: ItemStatus, to: ItemStatus) {
+        self.move_items(from, to, 1);
+    }
+
+    fn move_items(&mut self, from: ItemStatus, to: ItemStatus, n: i64) {
         let mut counts = self.row.counts();
-        counts.shift(from, to, 1);
+        counts.shift(from, to, n);
         self.row.set_counts(counts);
+    }
+
+    /// Records an item that became pending: at the cursor, or in the queue of items claimed
+    /// one by one.
+    fn enter_pending(&mut self, item: &ItemRow) -> Result<(), StoreError> {
+        match self.row.cursor().waiting(item.started_at.is_some(), item.item_index) {
+            Some(Waiting::AtCursor) => self.row.unclaimed += 1,
+            Some(Waiting::InQueue) => self.entries_add.push(EntryRow {
+                item_seq: item.seq,
+                batch_id: self.row.id.clone(),
+                queue: self.row.queue.clone(),
+                priority: self.row.priority,
+                batch_seq: self.row.seq,
+                item_index: item.item_index,
+                blocked: item.blocked,
+                not_before: item.next_attempt_at,
+            }),
+            None => {
+                return Err(StoreError::Corrupt(format!(
+                    "item {} of batch {} never started but lies below the claim cursor",
+                    item.item_index, self.row.id
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a pending item that stops waiting (claimed one by one, or cancelled).
+    fn leave_pending(&mut self, item: &ItemRow) {
+        match self.row.cursor().waiting(item.started_at.is_some(), item.item_index) {
+            Some(Waiting::AtCursor) => self.row.unclaimed -= 1,
+            _ => self.entries_remove.push(item.seq),
+        }
+    }
+
+    /// Records an item that stops running: its own lease goes, or it never gets one.
+    fn leave_running(&mut self, item: &ItemRow) {
+        if self.materialized.remove(&item.seq).is_none() {
+            self.leases_end.push(item.seq);
+        }
+    }
+
+    /// Takes an item out of its range lease: its row now says `running`, as if it had been
+    /// claimed one by one, and it gets a lease of its own unless it stops running in this
+    /// transaction. The caller writes the row.
+    fn materialize(&mut self, item: &mut ItemRow, lease: &LeaseRow) {
+        item.show_running_under(Some(lease));
+        *self.ranges_end.entry(lease.id).or_default() += 1;
+        self.materialized.insert(
+            item.seq,
+            NewLeaseRow {
+                batch_id: self.row.id.clone(),
+                queue: self.row.queue.clone(),
+                first_index: item.item_index,
+                last_index: item.item_index,
+                item_seq: Some(item.seq),
+                owner: lease.owner.clone(),
+                secret: range_lease_token(lease.id, &lease.secret, item.item_index),
+                running: 1,
+                started_at: lease.started_at,
+                expires_at: lease.expires_at,
+            },
+        );
     }
 
     /// Appends an event (and its webhook delivery, when the batch's webhook asks for it).
@@ -454,17 +821,19 @@ impl Touched {
     ) {
         self.row.last_event_seq += 1;
         let seq = self.row.last_event_seq;
-        let step = item.as_ref().and_then(|i| i.row.step.clone()).filter(|_| event_type == EventType::ItemStep);
+        let step = item
+            .and_then(|i| i.step.map(str::to_owned))
+            .filter(|_| event_type == EventType::ItemStep);
         if let Some(url) = self.row.webhook_url.clone()
             && self.row.webhook_events().contains(&event_type)
         {
             let delivery_id = batchd_domain::new_item_id();
             let counts = self.row.counts();
-            let payload = match &item {
-                Some(ItemSnapshot { row }) => json!({
+            let payload = match item {
+                Some(row) => json!({
                     "type": event_type, "id": delivery_id, "batch_id": self.row.id,
-                    "item_id": row.id, "item_index": row.item_index, "custom_id": row.custom_id,
-                    "status": row.status, "message": message.clone().or_else(|| row.message.clone()),
+                    "item_id": row.id, "item_index": row.index, "custom_id": row.custom_id,
+                    "status": row.status, "message": message.as_deref().or(row.message),
                     "result": row.result, "error": row.error, "counts": counts, "timestamp": rfc3339(now),
                 }),
                 None => json!({
@@ -479,7 +848,7 @@ impl Touched {
                 batch_id: self.row.id.clone(),
                 event_seq: seq,
                 event_type: event_type.to_string(),
-                item_id: item.as_ref().map(|i| i.row.id.clone()),
+                item_id: item.map(|i| i.id.to_owned()),
                 url,
                 payload: payload.to_string(),
                 status: "pending",
@@ -492,8 +861,8 @@ impl Touched {
         self.events.push(EventRow {
             batch_id: self.row.id.clone(),
             seq,
-            item_id: item.as_ref().map(|i| i.row.id.clone()),
-            item_index: item.as_ref().map(|i| i.row.item_index),
+            item_id: item.map(|i| i.id.to_owned()),
+            item_index: item.map(|i| i.index),
             event_type: event_type.to_string(),
             step,
             message,
@@ -512,6 +881,16 @@ impl Touched {
         self.event(event_type, None, None, None, now);
     }
 
+    /// Marks the batch running when its first item starts.
+    fn start(&mut self, now: OffsetDateTime) -> Result<(), StoreError> {
+        let status = self.status()?;
+        if status == BatchStatus::Pending {
+            let to = batch_sm::start(status)?;
+            self.set_status(to, EventType::BatchStarted, now);
+        }
+        Ok(())
+    }
+
     /// Ends the batch when every item has ended (DESIGN.md section 15's rule).
     fn settle(&mut self, now: OffsetDateTime) -> Result<(), StoreError> {
         let status = self.status()?;
@@ -527,7 +906,11 @@ impl Touched {
     }
 
     fn changed(&self) -> bool {
-        !self.events.is_empty() || self.row.counts() != self.before.counts() || self.row.status != self.before.status
+        !self.events.is_empty()
+            || self.row.counts() != self.before.counts()
+            || self.row.status != self.before.status
+            || self.row.next_index != self.before.next_index
+            || self.row.unclaimed != self.before.unclaimed
     }
 }
 
@@ -554,7 +937,6 @@ fn bad_cursor() -> StoreError {
     StoreError::InvalidCursor
 }
 
-
 fn page_limit(page: &PageRequest) -> i64 {
     page.limit.clamp(1, 1_000) as i64
 }
@@ -570,6 +952,125 @@ macro_rules! insert_chunked {
     }};
 }
 
+/// Declares a statement of fixed text whose parameters are bound in order, with a static
+/// query id, so each connection prepares it once: diesel prepares its own insert and update
+/// statements, `sql` literals and `IN` lists again on every run, which for the small
+/// statements of the hot path cost more than running them. `$field` is bound where it
+/// appears.
+macro_rules! fixed_statement {
+    ($name:ident { $($field:ident : $rust:ty),* $(,)? } returns $sql_type:ty =
+        $first:literal $(, $bind:ident => $st:ty, $more:literal)* $(,)?) => {
+        pub(super) struct $name<'a> {
+            $(pub(super) $field: $rust,)*
+            pub(super) _row: std::marker::PhantomData<&'a ()>,
+        }
+
+        impl diesel::query_builder::QueryId for $name<'_> {
+            type QueryId = $name<'static>;
+            const HAS_STATIC_QUERY_ID: bool = true;
+        }
+
+        impl diesel::query_builder::Query for $name<'_> {
+            type SqlType = $sql_type;
+        }
+
+        impl diesel::query_builder::QueryFragment<Db> for $name<'_> {
+            fn walk_ast<'b>(&'b self, mut out: diesel::query_builder::AstPass<'_, 'b, Db>) -> QueryResult<()> {
+                out.push_sql($first);
+                $(
+                    out.push_bind_param::<$st, _>(&self.$bind)?;
+                    out.push_sql($more);
+                )*
+                Ok(())
+            }
+        }
+    };
+}
+
+/// A condition of fixed text, written out (SQLite uses a partial index only when a query's
+/// own text implies the index's condition) yet cacheable, unlike diesel's `sql` literals.
+/// Each condition is a type of its own: that is its query id.
+macro_rules! condition {
+    ($name:ident = $text:expr) => {
+        #[derive(Debug, Clone, Copy, diesel::query_builder::QueryId)]
+        pub(super) struct $name;
+
+        impl diesel::expression::Expression for $name {
+            type SqlType = diesel::sql_types::Bool;
+        }
+
+        impl<QS> diesel::expression::AppearsOnTable<QS> for $name {}
+
+        impl<QS> diesel::expression::SelectableExpression<QS> for $name {}
+
+        impl<GB> diesel::expression::ValidGrouping<GB> for $name {
+            type IsAggregate = diesel::expression::is_aggregate::Never;
+        }
+
+        impl diesel::query_builder::QueryFragment<Db> for $name {
+            fn walk_ast<'b>(&'b self, mut out: diesel::query_builder::AstPass<'_, 'b, Db>) -> QueryResult<()> {
+                out.push_sql($text);
+                Ok(())
+            }
+        }
+    };
+}
+
+use fixed::*;
+
+/// The fixed statements and conditions of the hot path that both backends share.
+mod fixed {
+    use super::*;
+    use diesel::sql_types::{BigInt, Integer, Nullable, Text};
+
+    condition!(Unblocked = UNBLOCKED);
+    condition!(HasUnclaimed = "batches.unclaimed > 0 AND batches.status IN ('pending', 'running')");
+
+    fixed_statement!(UpdateBatch {
+        status: &'a str, pending: i64, running: i64, completed: i64, failed: i64, cancelled: i64,
+        needs_input: i64, message: Option<&'a str>, error: Option<&'a str>, result: Option<&'a Value>,
+        last_event_seq: i64, started_at: Option<OffsetDateTime>, updated_at: OffsetDateTime,
+        completed_at: Option<OffsetDateTime>, next_index: i32, unclaimed: i64, id: &'a str,
+    } returns () =
+        "UPDATE batches SET status = ", status => Text, ", pending = ", pending => BigInt,
+        ", running = ", running => BigInt, ", completed = ", completed => BigInt, ", failed = ", failed => BigInt,
+        ", cancelled = ", cancelled => BigInt, ", needs_input = ", needs_input => BigInt,
+        ", message = ", message => Nullable<Text>, ", error = ", error => Nullable<Text>,
+        ", result = ", result => Nullable<SqlJson>, ", last_event_seq = ", last_event_seq => BigInt,
+        ", started_at = ", started_at => Nullable<SqlTimestamp>, ", updated_at = ", updated_at => SqlTimestamp,
+        ", completed_at = ", completed_at => Nullable<SqlTimestamp>, ", next_index = ", next_index => Integer,
+        ", unclaimed = ", unclaimed => BigInt, " WHERE id = ", id => Text, ""
+    );
+
+    fixed_statement!(EndInRange { id: i64, ended: i32 } returns () =
+        "UPDATE leases SET running = running - ", ended => Integer, " WHERE id = ", id => BigInt, ""
+    );
+
+    fixed_statement!(DropIdleLeases { now: OffsetDateTime } returns () =
+        "DELETE FROM leases WHERE running <= 0 AND expires_at < ", now => SqlTimestamp, ""
+    );
+
+    fixed_statement!(AddToBucket { queue: &'a str, priority: i32, bucket: i64, delta: i64 } returns () =
+        "UPDATE queue_position_buckets SET pending = pending + ", delta => BigInt, " WHERE queue = ", queue => Text,
+        " AND priority = ", priority => Integer, " AND bucket = ", bucket => BigInt, ""
+    );
+
+    fixed_statement!(NewBucket { queue: &'a str, priority: i32, bucket: i64, pending: i64 } returns () =
+        "INSERT INTO queue_position_buckets (queue, priority, bucket, pending) VALUES (", queue => Text, ", ",
+        priority => Integer, ", ", bucket => BigInt, ", ", pending => BigInt, ")"
+    );
+
+    fixed_statement!(InsertRangeLease {
+        batch_id: &'a str, queue: &'a str, first_index: i32, last_index: i32, owner: &'a str, secret: &'a str,
+        running: i32, started_at: OffsetDateTime, expires_at: OffsetDateTime,
+    } returns BigInt =
+        "INSERT INTO leases (batch_id, queue, first_index, last_index, item_seq, owner, secret, running, started_at, \
+         expires_at) VALUES (", batch_id => Text, ", ", queue => Text, ", ", first_index => Integer, ", ",
+        last_index => Integer, ", NULL, ", owner => Text, ", ", secret => Text, ", ", running => Integer, ", ",
+        started_at => SqlTimestamp, ", ", expires_at => SqlTimestamp, ") RETURNING id"
+    );
+}
+
 /// Locks a batch row (inside a write transaction).
 async fn lock_batch(c: &mut Conn, id: &str) -> Result<Option<BatchRow>, StoreError> {
     Ok(locked!(batches::table.find(id).select(BatchRow::as_select())).first(c).await.optional()?)
@@ -580,7 +1081,7 @@ async fn lock_item(c: &mut Conn, id: &str) -> Result<Option<ItemRow>, StoreError
     Ok(locked!(items::table.filter(items::id.eq(id)).select(ItemRow::as_select())).first(c).await.optional()?)
 }
 
-/// Locks the batches of these ids in id order.
+/// Locks the batches of these ids, in id order, in one statement.
 async fn lock_batches(
     c: &mut Conn,
     ids: impl IntoIterator<Item = String>,
@@ -588,12 +1089,40 @@ async fn lock_batches(
     let mut ids: Vec<String> = ids.into_iter().collect();
     ids.sort();
     ids.dedup();
-    let mut out = BTreeMap::new();
-    for id in ids {
-        let row = lock_batch(c, &id).await?.ok_or_else(|| StoreError::Corrupt(format!("item of missing batch {id}")))?;
-        out.insert(id, Touched::new(row));
+    let rows = lock_batch_rows(c, ids.clone()).await?;
+    let out: BTreeMap<String, Touched> = rows.into_iter().map(|row| (row.id.clone(), Touched::new(row))).collect();
+    if let Some(missing) = ids.iter().find(|id| !out.contains_key(*id)) {
+        return Err(StoreError::Corrupt(format!("item of missing batch {missing}")));
     }
     Ok(out)
+}
+
+/// The range leases of these batches, by batch.
+async fn range_leases(
+    c: &mut Conn,
+    batch_ids: impl IntoIterator<Item = String>,
+) -> Result<HashMap<String, Vec<LeaseRow>>, StoreError> {
+    let mut ids: Vec<String> = batch_ids.into_iter().collect();
+    ids.sort();
+    ids.dedup();
+    let mut out: HashMap<String, Vec<LeaseRow>> = HashMap::new();
+    for chunk in ids.chunks(INSERT_CHUNK) {
+        let rows: Vec<LeaseRow> = leases::table
+            .filter(leases::batch_id.eq_any(chunk))
+            .filter(leases::item_seq.is_null())
+            .select(LeaseRow::as_select())
+            .load(c)
+            .await?;
+        for lease in rows {
+            out.entry(lease.batch_id.clone()).or_default().push(lease);
+        }
+    }
+    Ok(out)
+}
+
+/// The range lease of `batch` that covers item `index`.
+fn covering<'a>(leases: &'a HashMap<String, Vec<LeaseRow>>, batch: &str, index: i32) -> Option<&'a LeaseRow> {
+    leases.get(batch)?.iter().find(|l| l.covers(index))
 }
 
 async fn save_item(c: &mut Conn, row: &ItemRow) -> Result<(), StoreError> {
@@ -601,63 +1130,142 @@ async fn save_item(c: &mut Conn, row: &ItemRow) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Writes a touched batch: its row, its new events and webhook deliveries. Returns the
-/// notices its changes call for.
-async fn save_batch(c: &mut Conn, t: &mut Touched, now: OffsetDateTime) -> Result<Vec<Notice>, StoreError> {
-    let mut notices = Vec::new();
-    if t.advance && t.row.mode == Mode::Sequential.as_str() && t.row.running == 0 && t.row.needs_input == 0 {
-        let next = items::table
-            .filter(items::batch_id.eq(&t.row.id))
-            .filter(items::status.eq(ItemStatus::Pending.as_str()))
-            .order(items::item_index.asc())
-            .select(items::seq)
-            .first::<i64>(c)
-            .await
-            .optional()?;
-        if let Some(seq) = next {
-            let n = diesel::update(items::table.filter(items::seq.eq(seq)).filter(items::blocked.eq(true)))
-                .set((items::blocked.eq(false), items::updated_at.eq(now)))
-                .execute(c)
-                .await?;
-            if n > 0 {
-                notices.push(Notice::Work { queue: t.row.queue.clone() });
-            }
-        }
-    }
-    if !t.changed() {
-        return Ok(notices);
-    }
-    t.row.updated_at = now;
-    diesel::update(batches::table.find(&t.row.id)).set(t.row.state()).execute(c).await?;
-    insert_events(c, std::mem::take(&mut t.events)).await?;
-    if !t.deliveries.is_empty() {
-        notices.push(Notice::Webhooks);
-    }
-    insert_chunked!(c, webhook_deliveries::table, std::mem::take(&mut t.deliveries));
-    notices.push(Notice::Events { batch_id: t.row.id.clone() });
-    let (old, new) = (t.before.status.as_str(), t.row.status.as_str());
-    if old != new {
-        notices.push(Notice::Control { batch_id: t.row.id.clone() });
-        if matches!(new, "pending" | "running") {
-            notices.push(Notice::Work { queue: t.row.queue.clone() });
-        }
-    }
-    t.before = t.row.clone();
-    Ok(notices)
+/// Where the position counts keep a batch's pending items: its queue, priority and bucket.
+fn bucket_of(row: &BatchRow) -> (String, i32, i64) {
+    (row.queue.clone(), row.priority, row.seq.div_euclid(POSITION_BUCKET))
 }
 
+/// Adds `deltas` to the position counts. A bucket is written once it has items and stays
+/// (at zero, when they are gone): one statement per bucket a transaction touches.
+async fn count_pending(c: &mut Conn, deltas: BTreeMap<(String, i32, i64), i64>) -> Result<(), StoreError> {
+    for ((queue, priority, bucket), delta) in deltas.into_iter().filter(|(_, d)| *d != 0) {
+        let added = AddToBucket { queue: &queue, priority, bucket, delta, _row: std::marker::PhantomData }
+            .execute(c)
+            .await?;
+        if added == 0 {
+            if delta < 0 {
+                return Err(StoreError::Corrupt(format!("queue {queue}: {delta} items from an uncounted bucket")));
+            }
+            NewBucket { queue: &queue, priority, bucket, pending: delta, _row: std::marker::PhantomData }
+                .execute(c)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes what the touched batches changed beside their rows: queue entries (removed ones
+/// first), leases (ended ones first), then each batch's row and position count, then every
+/// new event and webhook delivery in bulk. Returns the notices the changes call for.
 async fn save_batches(
     c: &mut Conn,
     touched: &mut BTreeMap<String, Touched>,
     now: OffsetDateTime,
 ) -> Result<Vec<Notice>, StoreError> {
+    save_touched(c, touched.values_mut().collect(), now).await
+}
+
+/// `save_batches` of one batch.
+async fn save_batch(c: &mut Conn, t: &mut Touched, now: OffsetDateTime) -> Result<Vec<Notice>, StoreError> {
+    save_touched(c, vec![t], now).await
+}
+
+async fn save_touched(
+    c: &mut Conn,
+    mut touched: Vec<&mut Touched>,
+    now: OffsetDateTime,
+) -> Result<Vec<Notice>, StoreError> {
     let mut notices = Vec::new();
-    for t in touched.values_mut() {
-        notices.extend(save_batch(c, t, now).await?);
+    let (mut entries_remove, mut entries_add, mut leases_end, mut leases_add) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut ranges_end: BTreeMap<i64, i32> = BTreeMap::new();
+    for t in touched.iter_mut() {
+        entries_remove.append(&mut t.entries_remove);
+        entries_add.append(&mut t.entries_add);
+        leases_end.append(&mut t.leases_end);
+        leases_add.append(&mut t.leases_add);
+        leases_add.extend(t.materialized.drain().map(|(_, lease)| lease));
+        for (id, n) in std::mem::take(&mut t.ranges_end) {
+            *ranges_end.entry(id).or_default() += n;
+        }
     }
+    if !entries_remove.is_empty() {
+        delete_entries(c, entries_remove).await?;
+    }
+    if !entries_add.is_empty() {
+        insert_chunked!(c, queue_entries::table, entries_add);
+    }
+    for chunk in leases_end.chunks(INSERT_CHUNK) {
+        diesel::delete(leases::table.filter(leases::item_seq.eq_any(chunk))).execute(c).await?;
+    }
+    // A range lease whose items have all ended stays until it expires: the rescuer drops
+    // it then, in bulk, instead of every transaction deleting its own.
+    for (id, ended) in ranges_end {
+        EndInRange { id, ended, _row: std::marker::PhantomData }.execute(c).await?;
+    }
+    if !leases_add.is_empty() {
+        insert_chunked!(c, leases::table, leases_add);
+    }
+
+    let (mut events, mut deliveries) = (Vec::new(), Vec::new());
+    let mut counted: BTreeMap<(String, i32, i64), i64> = BTreeMap::new();
+    for t in touched.iter_mut() {
+        if t.advance && t.row.mode == Mode::Sequential.as_str() && t.row.running == 0 && t.row.needs_input == 0 {
+            notices.extend(unblock_next(c, &t.row, now).await?);
+        }
+        if t.row.pending != t.pending_counted {
+            *counted.entry(bucket_of(&t.row)).or_default() += t.row.pending - t.pending_counted;
+            t.pending_counted = t.row.pending;
+        }
+        if !t.changed() {
+            continue;
+        }
+        t.row.updated_at = now;
+        t.row.update().execute(c).await?;
+        events.append(&mut t.events);
+        if !t.deliveries.is_empty() {
+            notices.push(Notice::Webhooks);
+        }
+        deliveries.append(&mut t.deliveries);
+        notices.push(Notice::Events { batch_id: t.row.id.clone() });
+        let (old, new) = (t.before.status.as_str(), t.row.status.as_str());
+        if old != new {
+            notices.push(Notice::Control { batch_id: t.row.id.clone() });
+            if matches!(new, "pending" | "running") {
+                notices.push(Notice::Work { queue: t.row.queue.clone() });
+            }
+        }
+        t.before = t.row.clone();
+    }
+    count_pending(c, counted).await?;
+    insert_event_runs(c, event_runs_of(events)?).await?;
+    insert_chunked!(c, webhook_deliveries::table, deliveries);
     notices.sort_by_key(Notice::encode);
     notices.dedup();
     Ok(notices)
+}
+
+/// Unblocks the next waiting item of a sequential batch whose items before it have ended.
+async fn unblock_next(c: &mut Conn, batch: &BatchRow, now: OffsetDateTime) -> Result<Option<Notice>, StoreError> {
+    let next: Option<EntryRow> = queue_entries::table
+        .filter(queue_entries::batch_id.eq(&batch.id))
+        .order(queue_entries::item_index.asc())
+        .select(EntryRow::as_select())
+        .first(c)
+        .await
+        .optional()?;
+    let Some(next) = next.filter(|e| e.blocked) else {
+        return Ok(None);
+    };
+    diesel::update(queue_entries::table.find(next.item_seq))
+        .set(queue_entries::blocked.eq(false))
+        .execute(c)
+        .await?;
+    diesel::update(items::table.filter(items::seq.eq(next.item_seq)))
+        .set((items::blocked.eq(false), items::updated_at.eq(now)))
+        .execute(c)
+        .await?;
+    Ok(Some(Notice::Work { queue: batch.queue.clone() }))
 }
 
 /// How an attempt (or a lease) ends, decided inside the transaction.
@@ -689,6 +1297,7 @@ fn end_attempt(
         }
         _ => ending,
     };
+    batch.leave_running(item);
     let attempt = json!({"attempt": item.attempts});
     let to = match ending {
         Ending::Complete(result) => {
@@ -697,7 +1306,7 @@ fn end_attempt(
             item.result = Some(result);
             item.error = None;
             batch.move_item(from, to);
-            batch.event(EventType::ItemCompleted, Some(ItemSnapshot { row: item }), None, Some(attempt), now);
+            batch.event(EventType::ItemCompleted, Some(item.snapshot()), None, Some(attempt), now);
             to
         }
         Ending::Fail { error, retryable, retry_after, policy } => {
@@ -719,7 +1328,7 @@ fn end_attempt(
                     item.next_attempt_at = Some(at);
                     batch.move_item(from, to);
                     let data = json!({"attempt": item.attempts, "next_attempt_at": rfc3339(at), "error": error});
-                    batch.event(EventType::ItemRetryScheduled, Some(ItemSnapshot { row: item }), Some(error), Some(data), now);
+                    batch.event(EventType::ItemRetryScheduled, Some(item.snapshot()), Some(error), Some(data), now);
                     to
                 }
                 FailureDecision::GiveUp => fail_item(item, batch, from, error, now)?,
@@ -731,7 +1340,7 @@ fn end_attempt(
             item.question = Some(question.clone());
             batch.move_item(from, to);
             let data = json!({"question": question});
-            batch.event(EventType::ItemNeedsInput, Some(ItemSnapshot { row: item }), None, Some(data), now);
+            batch.event(EventType::ItemNeedsInput, Some(item.snapshot()), None, Some(data), now);
             to
         }
         Ending::Cancel(reason) => {
@@ -739,7 +1348,7 @@ fn end_attempt(
             item.set_status(to, now);
             item.cancel_reason = Some(reason.as_str().to_owned());
             batch.move_item(from, to);
-            batch.event(EventType::ItemCancelled, Some(ItemSnapshot { row: item }), None, None, now);
+            batch.event(EventType::ItemCancelled, Some(item.snapshot()), None, None, now);
             to
         }
         Ending::Release => {
@@ -749,12 +1358,12 @@ fn end_attempt(
             batch.move_item(from, to);
             let message = "handed back at shutdown; the attempt is not spent".to_owned();
             let data = json!({"attempt": item.attempts + 1, "released": true});
-            batch.event(EventType::ItemRetryScheduled, Some(ItemSnapshot { row: item }), Some(message), Some(data), now);
+            batch.event(EventType::ItemRetryScheduled, Some(item.snapshot()), Some(message), Some(data), now);
             to
         }
         Ending::LeaseExpired => {
             let message = format!("the lease of attempt {} expired", item.attempts);
-            batch.event(EventType::ItemLeaseExpired, Some(ItemSnapshot { row: item }), Some(message.clone()), Some(attempt), now);
+            batch.event(EventType::ItemLeaseExpired, Some(item.snapshot()), Some(message.clone()), Some(attempt), now);
             if item.attempts >= item.max_attempts {
                 fail_item(item, batch, from, message, now)?
             } else {
@@ -765,6 +1374,9 @@ fn end_attempt(
             }
         }
     };
+    if to == ItemStatus::Pending {
+        batch.enter_pending(item)?;
+    }
     if to.is_ended() {
         batch.advance = true;
     }
@@ -773,7 +1385,7 @@ fn end_attempt(
 }
 
 /// Ends an item `failed`; under `fail_batch` the batch fails too (its other items are
-/// cancelled by `cancel_rest`, after the batch row is saved).
+/// cancelled by `cancel_waiting_items`, after the batch row is saved).
 fn fail_item(
     item: &mut ItemRow,
     batch: &mut Touched,
@@ -786,7 +1398,7 @@ fn fail_item(
     item.error = Some(error.clone());
     batch.move_item(from, to);
     let data = json!({"attempt": item.attempts});
-    batch.event(EventType::ItemFailed, Some(ItemSnapshot { row: item }), Some(error.clone()), Some(data), now);
+    batch.event(EventType::ItemFailed, Some(item.snapshot()), Some(error.clone()), Some(data), now);
     if batch.row.on_item_failure == OnItemFailure::FailBatch.as_str() && !batch.status()?.is_terminal() {
         let to_batch = batch_sm::fail_fast(batch.status()?)?;
         batch.row.error = Some(format!("item {} failed: {error}", item.item_index));
@@ -795,15 +1407,16 @@ fn fail_item(
     Ok(to)
 }
 
-/// Cancels every pending and waiting item of a batch (skipping rows another transaction
-/// holds; see the lock order above), recording each with its event.
+/// Cancels every waiting item of a batch (pending at its cursor or in the queue, or waiting
+/// for input), skipping rows and queue entries another transaction holds (see the lock order
+/// above), recording each with its event. Items running under a range lease run on.
 async fn cancel_waiting_items(
     c: &mut Conn,
     t: &mut Touched,
     reason: CancelReason,
     now: OffsetDateTime,
 ) -> Result<(), StoreError> {
-    let waiting: Vec<ItemRow> = skip_locked!(
+    let rows: Vec<ItemRow> = skip_locked!(
         items::table
             .filter(items::batch_id.eq(&t.row.id))
             .filter(items::status.eq_any([ItemStatus::Pending.as_str(), ItemStatus::NeedsInput.as_str()]))
@@ -812,17 +1425,47 @@ async fn cancel_waiting_items(
     )
     .load(c)
     .await?;
+    let waiting: Vec<ItemRow> =
+        rows.into_iter().filter(|r| !t.row.runs_under_range(&r.status, r.started_at, r.item_index)).collect();
     if waiting.is_empty() {
         return Ok(());
     }
+    // Of the items waiting in the queue, only those whose entry this transaction could take.
+    let cursor = t.row.cursor();
+    let queued: HashSet<i64> = waiting
+        .iter()
+        .filter(|r| {
+            r.status == ItemStatus::Pending.as_str()
+                && cursor.waiting(r.started_at.is_some(), r.item_index) != Some(Waiting::AtCursor)
+        })
+        .map(|r| r.seq)
+        .collect();
+    // Entries this transaction was about to write are dropped instead.
+    let mut taken: HashSet<i64> = HashSet::new();
+    t.entries_add.retain(|e| {
+        let queued_here = queued.contains(&e.item_seq);
+        if queued_here {
+            taken.insert(e.item_seq);
+        }
+        !queued_here
+    });
+    let stored: Vec<i64> = queued.iter().copied().filter(|seq| !taken.contains(seq)).collect();
+    taken.extend(delete_entries(c, stored).await?);
     let mut by_status: HashMap<&'static str, Vec<i64>> = HashMap::new();
     for mut item in waiting {
+        if queued.contains(&item.seq) && !taken.contains(&item.seq) {
+            continue;
+        }
         let from = item.status()?;
         let to = item_sm::cancel(from, reason)?;
+        if from == ItemStatus::Pending && !queued.contains(&item.seq) {
+            t.row.unclaimed -= 1;
+        }
         by_status.entry(from.as_str()).or_default().push(item.seq);
         item.set_status(to, now);
+        item.cancel_reason = Some(reason.as_str().to_owned());
         t.move_item(from, to);
-        t.event(EventType::ItemCancelled, Some(ItemSnapshot { row: &item }), None, None, now);
+        t.event(EventType::ItemCancelled, Some(item.snapshot()), None, None, now);
     }
     for (from, seqs) in by_status {
         for chunk in seqs.chunks(INSERT_CHUNK) {
@@ -864,92 +1507,227 @@ async fn queue_paused(c: &mut Conn, queue: &str) -> Result<bool, StoreError> {
         .unwrap_or(false))
 }
 
-/// The rows of the items being finished, locked, by id.
-async fn lock_finished_items(c: &mut Conn, finishes: &[Finish]) -> Result<HashMap<String, ItemRow>, StoreError> {
-    if finishes.is_empty() {
+/// The narrow rows of these items, locked, by id.
+async fn lock_end_rows<'f>(
+    c: &mut Conn,
+    ids: impl IntoIterator<Item = &'f str>,
+) -> Result<HashMap<String, EndRow>, StoreError> {
+    let mut ids: Vec<String> = ids.into_iter().map(str::to_owned).collect();
+    if ids.is_empty() {
         return Ok(HashMap::new());
     }
-    let mut ids: Vec<&str> = finishes.iter().map(|f| f.item_id.as_str()).collect();
     ids.sort_unstable();
     ids.dedup();
-    let rows: Vec<ItemRow> =
-        locked!(items::table.filter(items::id.eq_any(&ids)).order(items::seq.asc()).select(ItemRow::as_select()))
-            .load(c)
-            .await?;
+    let rows = lock_end_rows_by_id(c, ids).await?;
     Ok(rows.into_iter().map(|r| (r.id.clone(), r)).collect())
 }
 
-/// Up to `max_items` ready items of the request's queue in claim order, locked (skipping
-/// rows other transactions hold), leaving out the rows in `taken`.
-async fn claim_candidates(
+/// These leases, by id (their secrets never change: no lock is needed to check a token).
+async fn leases_by_id(c: &mut Conn, ids: Vec<i64>) -> Result<HashMap<i64, LeaseRow>, StoreError> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<LeaseRow> =
+        leases::table.filter(leases::id.eq_any(ids)).select(LeaseRow::as_select()).load(c).await?;
+    Ok(rows.into_iter().map(|l| (l.id, l)).collect())
+}
+
+/// A completion written by `complete_fast`: the row as it returned it, and the range lease
+/// it ran under (`None` for an item claimed one by one).
+type FastEnd = (CompletedItem, Option<i64>);
+
+/// Writes the completions of items whose batch runs on, before anything else is locked: one
+/// conditional UPDATE for items of range leases (`complete_fresh`) and one for items
+/// claimed one by one (`complete_own`). Their conditions are the lease checks, so writing
+/// the row is locking it, and an item someone else changed meanwhile is simply not written:
+/// its finish takes the general path. Returns what it wrote, by position in `finishes`; an
+/// item finished twice in one group is written once, for its first finish.
+async fn complete_fast(
+    c: &mut Conn,
+    finishes: &[Finish],
+    now: OffsetDateTime,
+) -> Result<HashMap<usize, FastEnd>, StoreError> {
+    let mut seen = HashSet::new();
+    let mut range = Vec::new();
+    let mut own = Vec::new();
+    for (pos, f) in finishes.iter().enumerate() {
+        let Outcome::Completed { result } = &f.outcome else { continue };
+        if !seen.insert(f.item_id.as_str()) {
+            continue;
+        }
+        match parse_range_token(&f.lease_token) {
+            Some((lease, secret, index)) => range.push((pos, lease, secret, index, result)),
+            None => own.push((
+                pos,
+                OwnEnd { id: f.item_id.clone(), token: f.lease_token.clone(), result: result.clone() },
+            )),
+        }
+    }
+    let leases = leases_by_id(c, range.iter().map(|(_, lease, ..)| *lease).collect()).await?;
+    let mut positions: HashMap<String, (usize, Option<i64>)> = HashMap::with_capacity(range.len() + own.len());
+    let mut fresh = Vec::with_capacity(range.len());
+    for (pos, lease_id, secret, index, result) in range {
+        let Some(lease) = leases.get(&lease_id).filter(|l| l.covers(index) && l.secret == secret) else { continue };
+        let id = finishes[pos].item_id.clone();
+        positions.insert(id.clone(), (pos, Some(lease_id)));
+        fresh.push(FreshEnd {
+            id,
+            batch_id: lease.batch_id.clone(),
+            item_index: index,
+            started_at: lease.started_at,
+            result: result.clone(),
+        });
+    }
+    for (pos, end) in &own {
+        positions.insert(end.id.clone(), (*pos, None));
+    }
+    let mut written = complete_fresh(c, fresh, now).await?;
+    written.extend(complete_own(c, own.into_iter().map(|(_, end)| end).collect(), now).await?);
+    Ok(written
+        .into_iter()
+        .filter_map(|row| {
+            let (pos, lease) = positions.get(&row.id).copied()?;
+            Some((pos, (row, lease)))
+        })
+        .collect())
+}
+
+/// Up to `max_items` queue entries of the request's queue that may be claimed now, in claim
+/// order, locked (skipping entries other transactions hold), leaving out those in `taken`.
+async fn entry_candidates(
     c: &mut Conn,
     request: &ClaimRequest,
     taken: &HashSet<i64>,
     now: OffsetDateTime,
-) -> Result<Vec<ItemRow>, StoreError> {
-    if request.max_items == 0 || queue_paused(c, &request.queue).await? {
-        return Ok(Vec::new());
-    }
-    // The status and `blocked` conditions are written out, not bound: only then can SQLite
-    // (and a generic PostgreSQL plan) tell that the partial indexes of pending items hold
-    // every row asked for, and read one in claim order. With bound values SQLite read every
-    // item of every running batch and sorted them, on each claim.
-    let rows: Vec<ItemRow> = skip_locked!(
-        items::table
-            .filter(items::queue.eq(&request.queue))
-            .filter(diesel::dsl::sql::<diesel::sql_types::Bool>(CLAIMABLE))
-            .filter(items::next_attempt_at.is_null().or(items::next_attempt_at.le(now)))
-            // Each candidate's batch is looked up by its key: a list of every batch that may
-            // run would be read in full on each claim.
+) -> Result<Vec<EntryRow>, StoreError> {
+    // The `blocked` condition is written out, not bound: only then can SQLite tell that the
+    // partial index `queue_entries_claim` holds every row asked for, and read it in order.
+    let rows: Vec<EntryRow> = skip_locked!(
+        queue_entries::table
+            .filter(queue_entries::queue.eq(&request.queue))
+            .filter(Unblocked)
+            .filter(queue_entries::not_before.is_null().or(queue_entries::not_before.le(now)))
             .filter(diesel::dsl::exists(
                 batches::table
-                    .filter(batches::id.eq(items::batch_id))
+                    .filter(batches::id.eq(queue_entries::batch_id))
                     .filter(batches::status.eq_any([BatchStatus::Pending.as_str(), BatchStatus::Running.as_str()]))
                     .filter(batches::run_at.is_null().or(batches::run_at.le(now))),
             ))
-            .order((items::priority.desc(), items::seq.asc()))
+            .order((queue_entries::priority.desc(), queue_entries::batch_seq.asc(), queue_entries::item_index.asc()))
             .limit((request.max_items + taken.len()) as i64)
-            .select(ItemRow::as_select())
+            .select(EntryRow::as_select())
     )
     .load(c)
     .await?;
     Ok(rows
         .into_iter()
-        .filter(|r| !taken.contains(&r.seq))
+        .filter(|e| !taken.contains(&e.item_seq))
         .take(request.max_items)
         .collect())
 }
 
-/// Applies finished attempts to their (locked) rows and batches. Returns each finish's
-/// result and the rows changed and not yet written; `failed_now` gets the batches that
-/// failed under `fail_batch` here (their waiting items are cancelled and written already).
+/// Up to `max_items` batches of the request's queue with items waiting at their cursor, in
+/// claim order: (id, seq, priority). Not locked: the claim locks them with every other batch
+/// it touches, in id order, and looks again.
+async fn range_candidates(
+    c: &mut Conn,
+    request: &ClaimRequest,
+    now: OffsetDateTime,
+) -> Result<Vec<(String, i64, i32)>, StoreError> {
+    // Written out for SQLite's partial index `batches_claimable`, as above.
+    Ok(batches::table
+        .filter(batches::queue.eq(&request.queue))
+        .filter(HasUnclaimed)
+        .filter(batches::run_at.is_null().or(batches::run_at.le(now)))
+        .order((batches::priority.desc(), batches::seq.asc()))
+        .limit(request.max_items as i64)
+        .select((batches::id, batches::seq, batches::priority))
+        .load(c)
+        .await?)
+}
+
+/// Applies finished attempts to their batches (locked in `touched`). A completion that
+/// `complete_fast` wrote (`fast`, by position) only moves its batch's counters and writes its
+/// event; every other finish is checked against its (locked) narrow row in `rows`, then
+/// reads the whole row and goes through `end_attempt`. Returns each finish's result and the
+/// whole rows changed and not yet written; `failed_now` gets the batches that failed under
+/// `fail_batch` here (their waiting items are cancelled and written already).
+#[expect(clippy::too_many_arguments, reason = "one transaction's working state")]
 async fn apply_finishes(
     c: &mut Conn,
     finishes: Vec<Finish>,
-    rows: &mut HashMap<String, ItemRow>,
+    mut fast: HashMap<usize, FastEnd>,
+    rows: &mut HashMap<String, EndRow>,
     touched: &mut BTreeMap<String, Touched>,
+    leases: &HashMap<i64, LeaseRow>,
     failed_now: &mut HashSet<String>,
     max_error_chars: usize,
     now: OffsetDateTime,
 ) -> Result<(Vec<FinishResult>, Vec<ItemRow>), StoreError> {
     let mut results = Vec::with_capacity(finishes.len());
-    // Items changed here and not yet written: written together by the caller.
-    let mut unsaved: HashSet<String> = HashSet::new();
-    for f in finishes {
-        let Some(item) = rows.get_mut(&f.item_id) else {
-            results.push(FinishResult::LeaseLost);
-            continue;
-        };
-        if item.status != ItemStatus::Running.as_str() || item.lease_token.as_deref() != Some(&f.lease_token) {
-            let cancelled = item.status == ItemStatus::Cancelled.as_str()
-                && item.cancel_reason.as_deref() != Some(CancelReason::Item.as_str());
-            results.push(if cancelled { FinishResult::ItemCancelled } else { FinishResult::LeaseLost });
+    // Whole rows changed here and not yet written, by seq.
+    let mut unsaved: BTreeMap<i64, ItemRow> = BTreeMap::new();
+    for (pos, f) in finishes.into_iter().enumerate() {
+        if let Some((done, lease)) = fast.remove(&pos) {
+            let Some(t) = touched.get_mut(&done.batch_id) else {
+                return Err(StoreError::Corrupt(format!("item {} of an unlocked batch", done.id)));
+            };
+            let to = item_sm::complete(ItemStatus::Running)?;
+            match lease {
+                Some(lease) => *t.ranges_end.entry(lease).or_default() += 1,
+                None => t.leases_end.push(done.seq),
+            }
+            t.move_item(ItemStatus::Running, to);
+            let result = match &f.outcome {
+                Outcome::Completed { result } => Some(result),
+                _ => None,
+            };
+            let snapshot = ItemSnapshot {
+                id: &done.id,
+                index: done.item_index,
+                custom_id: done.custom_id.as_deref(),
+                status: to.as_str(),
+                step: done.step.as_deref(),
+                message: done.message.as_deref(),
+                result,
+                error: None,
+            };
+            t.event(EventType::ItemCompleted, Some(snapshot), None, Some(json!({"attempt": done.attempts})), now);
+            t.advance = true;
+            t.settle(now)?;
+            results.push(FinishResult::Applied(to));
             continue;
         }
-        let Some(t) = touched.get_mut(&item.batch_id) else {
+        let batch_id = rows.get(&f.item_id).map(|r| r.batch_id.clone()).unwrap_or_default();
+        let (Some(row), Some(t)) = (rows.get_mut(&f.item_id), touched.get_mut(&batch_id)) else {
             results.push(FinishResult::LeaseLost);
             continue;
         };
+        // `None`: not held; `Some(None)`: held in the item's own row; `Some(Some(l))`: held in
+        // range lease `l`.
+        let held: Option<Option<&LeaseRow>> = if row.status == ItemStatus::Running.as_str() {
+            (row.lease_token.as_deref() == Some(f.lease_token.as_str())).then_some(None)
+        } else if t.row.runs_under_range(&row.status, row.started_at, row.item_index) {
+            parse_range_token(&f.lease_token)
+                .and_then(|(lease, ..)| leases.get(&lease))
+                .filter(|l| l.batch_id == row.batch_id && l.holds(row.item_index, &f.lease_token))
+                .map(Some)
+        } else {
+            None
+        };
+        let Some(lease) = held else {
+            let cancelled = row.status == ItemStatus::Cancelled.as_str()
+                && row.cancel_reason.as_deref() != Some(CancelReason::Item.as_str());
+            results.push(if cancelled { FinishResult::ItemCancelled } else { FinishResult::LeaseLost });
+            continue;
+        };
+        let mut item = match unsaved.remove(&row.seq) {
+            Some(item) => item,
+            None => items::table.filter(items::seq.eq(row.seq)).select(ItemRow::as_select()).first(c).await?,
+        };
+        if let Some(lease) = lease {
+            t.materialize(&mut item, lease);
+        }
         let ending = match f.outcome {
             Outcome::Completed { result } => Ending::Complete(result),
             Outcome::Failed { error, retryable, retry_after, policy } => {
@@ -959,134 +1737,280 @@ async fn apply_finishes(
             Outcome::Cancelled => Ending::Cancel(CancelReason::Batch),
             Outcome::Released => Ending::Release,
         };
-        let to = end_attempt(item, t, ending, max_error_chars, now)?;
-        unsaved.insert(item.id.clone());
+        let to = end_attempt(&mut item, t, ending, max_error_chars, now)?;
+        row.status = item.status.clone();
+        row.started_at = item.started_at;
+        unsaved.insert(item.seq, item);
         if fails_batch_now(t) {
             // The cancellation reads the batch's waiting items from the table: what this
             // group changed so far is written first.
-            let flushed = unsaved.drain().filter_map(|id| rows.get(&id).cloned()).collect();
-            save_items(c, flushed).await?;
+            save_items(c, std::mem::take(&mut unsaved).into_values().collect()).await?;
             cancel_waiting_items(c, t, CancelReason::FailBatch, now).await?;
             failed_now.insert(t.row.id.clone());
         }
-        let cancelled_by_batch = to == ItemStatus::Cancelled;
-        results.push(if cancelled_by_batch { FinishResult::ItemCancelled } else { FinishResult::Applied(to) });
+        results.push(if to == ItemStatus::Cancelled { FinishResult::ItemCancelled } else { FinishResult::Applied(to) });
     }
-    let mut changed: Vec<ItemRow> = rows.drain().map(|(_, row)| row).filter(|row| unsaved.contains(&row.id)).collect();
-    changed.sort_by_key(|row| row.seq);
-    Ok((results, changed))
+    Ok((results, unsaved.into_values().collect()))
 }
 
-/// What a started item takes from its batch: (batch config, session id, mode, ready at).
-type StartedFrom = (Value, Option<String>, Mode, OffsetDateTime);
+/// What a claim starts from: an entry (an item claimed one by one) or a batch's cursor.
+enum Source {
+    Entry(EntryRow),
+    Cursor(String),
+}
 
-/// Starts the candidates of one claim under their (locked) batches. Returns what each
-/// started item takes from its batch, and the changed rows: the started ones first, in
-/// claim order, then the ones their batch cancelled meanwhile.
-fn apply_claim(
+/// Where a source comes in claim order: priority (highest first), batch seq, item index.
+type ClaimKey = (std::cmp::Reverse<i32>, i64, i32);
+
+/// Claims up to `request.max_items` items, in claim order, from the entries and batches
+/// found for it (their batches locked in `touched`). Returns the claimed items and the whole
+/// rows changed (items claimed one by one, and those their batch cancelled meanwhile).
+#[expect(clippy::too_many_arguments, reason = "one transaction's working state")]
+async fn claim_for(
+    c: &mut Conn,
     request: &ClaimRequest,
-    candidates: impl IntoIterator<Item = ItemRow>,
+    entries: Vec<EntryRow>,
+    entry_rows: &mut HashMap<i64, ItemRow>,
+    cursors: Vec<(String, i64, i32)>,
     touched: &mut BTreeMap<String, Touched>,
+    failed_now: &HashSet<String>,
     now: OffsetDateTime,
-) -> Result<(Vec<StartedFrom>, Vec<ItemRow>), StoreError> {
+) -> Result<(Vec<ClaimedItem>, Vec<ItemRow>), StoreError> {
+    // A batch's entries come before the items at its cursor: their indexes are lower.
+    let mut sources: Vec<(ClaimKey, Source)> = entries
+        .into_iter()
+        .map(|e| ((std::cmp::Reverse(e.priority), e.batch_seq, e.item_index), Source::Entry(e)))
+        .chain(cursors.into_iter().map(|(id, seq, priority)| {
+            ((std::cmp::Reverse(priority), seq, i32::MAX), Source::Cursor(id))
+        }))
+        .collect();
+    sources.sort_by_key(|(key, _)| *key);
     let lease_expires_at = now + request.lease;
     let mut claimed = Vec::new();
     let mut changed = Vec::new();
-    for mut item in candidates {
-        let Some(t) = touched.get_mut(&item.batch_id) else { continue };
-        let batch_status = t.status()?;
-        if !claimable(batch_status) {
-            // The batch changed after the candidates were read.
-            let reason = match batch_status {
-                BatchStatus::Cancelling | BatchStatus::Cancelled => Some(CancelReason::Batch),
-                BatchStatus::Failed => Some(CancelReason::FailBatch),
-                _ => None,
-            };
-            if let Some(reason) = reason {
+    for (_, source) in sources {
+        if claimed.len() >= request.max_items {
+            break;
+        }
+        match source {
+            Source::Entry(entry) => {
+                // Items of a batch this group just failed were cancelled with it.
+                if failed_now.contains(&entry.batch_id) {
+                    continue;
+                }
+                let Some(t) = touched.get_mut(&entry.batch_id) else { continue };
+                let Some(mut item) = entry_rows.remove(&entry.item_seq).filter(|i| i.status == "pending") else {
+                    // Its item ended while the entry was held here: drop the entry.
+                    t.entries_remove.push(entry.item_seq);
+                    continue;
+                };
+                let batch_status = t.status()?;
+                if !t.row.ready(now)? {
+                    // The batch changed after the candidates were read.
+                    let reason = match batch_status {
+                        BatchStatus::Cancelling | BatchStatus::Cancelled => Some(CancelReason::Batch),
+                        BatchStatus::Failed => Some(CancelReason::FailBatch),
+                        _ => None,
+                    };
+                    if let Some(reason) = reason {
+                        t.leave_pending(&item);
+                        let from = item.status()?;
+                        let to = item_sm::cancel(from, reason)?;
+                        item.set_status(to, now);
+                        item.cancel_reason = Some(reason.as_str().to_owned());
+                        t.move_item(from, to);
+                        t.event(EventType::ItemCancelled, Some(item.snapshot()), None, None, now);
+                        changed.push(item);
+                        t.settle(now)?;
+                    }
+                    continue;
+                }
+                t.leave_pending(&item);
                 let from = item.status()?;
-                let to = item_sm::cancel(from, reason)?;
+                let to = item_sm::start(from)?;
+                let ready_at = [Some(item.updated_at), item.next_attempt_at, t.row.run_at]
+                    .into_iter()
+                    .flatten()
+                    .max()
+                    .unwrap_or(item.created_at)
+                    .min(now);
+                let token = batchd_domain::new_lease_token();
                 item.set_status(to, now);
-                item.cancel_reason = Some(reason.as_str().to_owned());
+                item.attempts += 1;
+                item.lease_owner = Some(request.owner.clone());
+                item.lease_token = Some(token.clone());
+                item.lease_expires_at = Some(lease_expires_at);
+                item.started_at = Some(now);
                 t.move_item(from, to);
-                t.event(EventType::ItemCancelled, Some(ItemSnapshot { row: &item }), None, None, now);
+                t.start(now)?;
+                let data = json!({"attempt": item.attempts, "lease_owner": request.owner});
+                t.event(EventType::ItemStarted, Some(item.snapshot()), None, Some(data), now);
+                t.leases_add.push(NewLeaseRow {
+                    batch_id: t.row.id.clone(),
+                    queue: t.row.queue.clone(),
+                    first_index: item.item_index,
+                    last_index: item.item_index,
+                    item_seq: Some(item.seq),
+                    owner: request.owner.clone(),
+                    secret: token.clone(),
+                    running: 1,
+                    started_at: now,
+                    expires_at: lease_expires_at,
+                });
+                claimed.push(ClaimedItem {
+                    lease_token: token,
+                    lease_expires_at,
+                    id: item.id.clone(),
+                    batch_id: item.batch_id.clone(),
+                    tenant: item.tenant.clone(),
+                    queue: item.queue.clone(),
+                    index: item.item_index,
+                    custom_id: item.custom_id.clone(),
+                    attempt: item.attempts,
+                    max_attempts: item.max_attempts,
+                    input: item.input.clone(),
+                    answer: item.answer.clone(),
+                    item_config: object(item.config.clone()),
+                    batch_config: object(t.row.config.clone()),
+                    session_id: t.row.session_id.clone(),
+                    mode: t.row.mode()?,
+                    ready_at,
+                });
                 changed.push(item);
-                t.settle(now)?;
             }
-            continue;
+            Source::Cursor(batch_id) => {
+                if failed_now.contains(&batch_id) {
+                    continue;
+                }
+                let Some(t) = touched.get_mut(&batch_id) else { continue };
+                if !t.row.ready(now)? || t.row.unclaimed <= 0 || t.row.cursor().sequential {
+                    continue;
+                }
+                let want = (request.max_items - claimed.len()).min(t.row.unclaimed as usize);
+                claimed.extend(claim_range(c, t, request, want, now).await?);
+            }
         }
-        let from = item.status()?;
-        let to = item_sm::start(from)?;
-        let ready_at = [Some(item.updated_at), item.next_attempt_at, t.row.run_at]
-            .into_iter()
-            .flatten()
-            .max()
-            .unwrap_or(item.created_at)
-            .min(now);
-        item.set_status(to, now);
-        item.attempts += 1;
-        item.lease_owner = Some(request.owner.clone());
-        item.lease_token = Some(batchd_domain::new_lease_token());
-        item.lease_expires_at = Some(lease_expires_at);
-        item.started_at = Some(now);
-        t.move_item(from, to);
-        if batch_status == BatchStatus::Pending {
-            let to_batch = batch_sm::start(batch_status)?;
-            t.set_status(to_batch, EventType::BatchStarted, now);
-        }
-        let data = json!({"attempt": item.attempts, "lease_owner": request.owner});
-        t.event(EventType::ItemStarted, Some(ItemSnapshot { row: &item }), None, Some(data), now);
-        claimed.push((t.row.config.clone(), t.row.session_id.clone(), t.row.mode()?, ready_at));
-        changed.push(item);
     }
-    // Started items first, in claim order; then the ones the batch cancelled.
-    changed.sort_by_key(|item| item.status != ItemStatus::Running.as_str());
     Ok((claimed, changed))
 }
 
-/// The claimed items, from what each took from its batch and its written row.
-fn claimed_items(claimed: Vec<StartedFrom>, rows: Vec<ItemRow>) -> Vec<ClaimedItem> {
-    claimed
-        .into_iter()
-        .zip(rows)
-        .map(|((batch_config, session_id, mode, ready_at), item)| ClaimedItem {
-            lease_token: item.lease_token.clone().unwrap_or_default(),
-            lease_expires_at: item.lease_expires_at.unwrap_or(ready_at),
-            id: item.id,
-            batch_id: item.batch_id,
-            tenant: item.tenant,
-            queue: item.queue,
-            index: item.item_index,
-            custom_id: item.custom_id,
-            attempt: item.attempts,
-            max_attempts: item.max_attempts,
-            input: item.input,
-            answer: item.answer,
-            item_config: object(item.config),
-            batch_config: object(batch_config),
-            session_id,
-            mode,
+/// Claims the next `want` pending items at a batch's cursor as one range lease: moves the
+/// cursor past them (and past items that ended before it got there), writes their
+/// `item.started` events and the lease; their rows are not written.
+async fn claim_range(
+    c: &mut Conn,
+    t: &mut Touched,
+    request: &ClaimRequest,
+    want: usize,
+    now: OffsetDateTime,
+) -> Result<Vec<ClaimedItem>, StoreError> {
+    let lease_expires_at = now + request.lease;
+    let mut taken: Vec<FreshRow> = Vec::with_capacity(want);
+    let mut next = t.row.next_index;
+    while taken.len() < want {
+        let rows: Vec<FreshRow> = items::table
+            .filter(items::batch_id.eq(&t.row.id))
+            .filter(items::item_index.ge(next))
+            .order(items::item_index.asc())
+            .limit((want - taken.len()) as i64)
+            .select(FreshRow::as_select())
+            .load(c)
+            .await?;
+        if rows.is_empty() {
+            tracing::error!(batch = %t.row.id, unclaimed = t.row.unclaimed, found = taken.len(), "fewer items at the claim cursor than counted");
+            t.row.unclaimed = taken.len() as i64;
+            break;
+        }
+        for row in rows {
+            next = row.item_index + 1;
+            // Items that ended before the cursor got to them are passed over.
+            if row.status == ItemStatus::Pending.as_str() && row.started_at.is_none() {
+                taken.push(row);
+                if taken.len() == want {
+                    break;
+                }
+            }
+        }
+    }
+    t.row.next_index = next;
+    let (Some(first), Some(last)) = (<[FreshRow]>::first(&taken), <[FreshRow]>::last(&taken)) else {
+        return Ok(Vec::new());
+    };
+    let n = taken.len() as i64;
+    let secret = batchd_domain::new_lease_token();
+    // The lease is written first: the items' tokens name it.
+    let lease_id: i64 = InsertRangeLease {
+        batch_id: &t.row.id,
+        queue: &t.row.queue,
+        first_index: first.item_index,
+        last_index: last.item_index,
+        owner: &request.owner,
+        secret: &secret,
+        running: n as i32,
+        started_at: now,
+        expires_at: lease_expires_at,
+        _row: std::marker::PhantomData,
+    }
+    .get_result(c)
+    .await?;
+    t.row.unclaimed -= n;
+    t.move_items(ItemStatus::Pending, ItemStatus::Running, n);
+    t.start(now)?;
+    let (batch_config, session_id) = (object(t.row.config.clone()), t.row.session_id.clone());
+    let mut out = Vec::with_capacity(taken.len());
+    for row in taken {
+        let snapshot = ItemSnapshot {
+            id: &row.id,
+            index: row.item_index,
+            custom_id: row.custom_id.as_deref(),
+            status: ItemStatus::Running.as_str(),
+            step: None,
+            message: None,
+            result: None,
+            error: None,
+        };
+        let attempt = row.attempts + 1;
+        let data = json!({"attempt": attempt, "lease_owner": request.owner});
+        t.event(EventType::ItemStarted, Some(snapshot), None, Some(data), now);
+        let ready_at = [row.updated_at].into_iter().chain(t.row.run_at).max().unwrap_or(row.updated_at).min(now);
+        out.push(ClaimedItem {
+            lease_token: range_lease_token(lease_id, &secret, row.item_index),
+            lease_expires_at,
+            id: row.id,
+            batch_id: t.row.id.clone(),
+            tenant: row.tenant,
+            queue: t.row.queue.clone(),
+            index: row.item_index,
+            custom_id: row.custom_id,
+            attempt,
+            max_attempts: row.max_attempts,
+            input: row.input,
+            answer: row.answer,
+            item_config: object(row.config),
+            batch_config: batch_config.clone(),
+            session_id: session_id.clone(),
+            mode: Mode::Parallel,
             ready_at,
-        })
-        .collect()
+        });
+    }
+    Ok(out)
 }
 
-/// Pending items (blocked ones included) are counted per queue, priority and bucket of this
-/// many `seq` values by the triggers of migrations/*/2026-11-22-000002_queue_positions,
-/// whose SQL divides by the same number.
+/// Pending items are counted per queue, priority and bucket of this many batch `seq` values
+/// (`queue_position_buckets`, from each batch's `pending` counter as `save_batches` writes
+/// it); migrations/*/2026-12-04-000004_range_claims divides by the same number.
 const POSITION_BUCKET: i64 = 1_024;
 
-/// The number of ready items of `queue` that will be claimed before a pending item of
-/// `priority` and `seq` (claim order: priority DESC, then seq), in one statement:
-/// - the pending items ahead: the bucket counts of higher priorities and of earlier buckets of
-///   the same priority, plus an index count inside the item's own bucket (fewer than
-///   `POSITION_BUCKET` entries of `items_pending`);
-/// - minus those of them waiting for a backoff, in batches that may run (`items_backoff`;
-///   the `+` keeps the planner off `items_pending`, which would read every item ahead);
-/// - minus those of them in batches that are paused, cancelling or not yet due
-///   (`batches_waiting`). Items carry their batch's queue and priority and are inserted in
-///   index order, so a batch of another priority counts whole or not at all, and so does one
-///   that ends before `seq` or starts after it; only a batch whose items interleave with
-///   `seq` is counted by index.
+/// The number of ready items of `queue` that will be claimed before any item of the batch
+/// of `priority` and `seq` (claim order: priority DESC, then batch seq, then index), in one
+/// statement:
+/// - the pending items of the batches ahead: the bucket counts of higher priorities and of
+///   earlier buckets of the same priority, plus the `pending` counters of the batches ahead
+///   in its own bucket (`batches_pending`, fewer than `POSITION_BUCKET` rows);
+/// - minus those of batches ahead that are paused, cancelling or not yet due
+///   (`batches_waiting`);
+/// - minus the queue entries ahead waiting for a backoff, in batches that may run
+///   (`queue_entries_backoff`).
 ///
 /// Its text is fixed and its query id static, so each connection prepares it once (diesel
 /// never caches statements built with `sql`).
@@ -1100,9 +2024,16 @@ struct ReadyAhead<'a> {
 }
 
 impl<'a> ReadyAhead<'a> {
-    fn new(queue: &'a str, priority: i32, seq: i64, now: OffsetDateTime) -> Self {
-        let bucket = seq.div_euclid(POSITION_BUCKET);
-        Self { queue, priority, seq, bucket, bucket_start: bucket * POSITION_BUCKET, now }
+    fn new(batch: &'a BatchRow, now: OffsetDateTime) -> Self {
+        let bucket = batch.seq.div_euclid(POSITION_BUCKET);
+        Self {
+            queue: &batch.queue,
+            priority: batch.priority,
+            seq: batch.seq,
+            bucket,
+            bucket_start: bucket * POSITION_BUCKET,
+            now,
+        }
     }
 }
 
@@ -1126,147 +2057,208 @@ impl diesel::query_builder::QueryFragment<Db> for ReadyAhead<'_> {
         out.push_bind_param::<Integer, _>(&self.priority)?;
         out.push_sql(" AND bucket < ");
         out.push_bind_param::<BigInt, _>(&self.bucket)?;
-        out.push_sql("))) + (SELECT COUNT(*) FROM items WHERE queue = ");
+        out.push_sql("))) + (SELECT COALESCE(SUM(pending), 0) FROM batches WHERE queue = ");
         out.push_bind_param::<Text, _>(self.queue)?;
-        out.push_sql(" AND status = 'pending' AND priority = ");
+        out.push_sql(" AND pending > 0 AND priority = ");
         out.push_bind_param::<Integer, _>(&self.priority)?;
         out.push_sql(" AND seq >= ");
         out.push_bind_param::<BigInt, _>(&self.bucket_start)?;
         out.push_sql(" AND seq < ");
         out.push_bind_param::<BigInt, _>(&self.seq)?;
-        out.push_sql(") - (SELECT COUNT(*) FROM items AS i WHERE i.queue = ");
-        out.push_bind_param::<Text, _>(self.queue)?;
-        out.push_sql(" AND i.status = 'pending' AND i.next_attempt_at IS NOT NULL AND i.next_attempt_at > ");
-        out.push_bind_param::<SqlTimestamp, _>(&self.now)?;
-        out.push_sql(" AND (+i.priority > ");
-        out.push_bind_param::<Integer, _>(&self.priority)?;
-        out.push_sql(" OR (+i.priority = ");
-        out.push_bind_param::<Integer, _>(&self.priority)?;
-        out.push_sql(" AND +i.seq < ");
-        out.push_bind_param::<BigInt, _>(&self.seq)?;
-        out.push_sql(
-            ")) AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = i.batch_id \
-             AND b.status IN ('pending', 'running') AND (b.run_at IS NULL OR b.run_at <= ",
-        );
-        out.push_bind_param::<SqlTimestamp, _>(&self.now)?;
-        out.push_sql("))) - (SELECT COALESCE(SUM(CASE WHEN b.priority > ");
-        out.push_bind_param::<Integer, _>(&self.priority)?;
-        out.push_sql(" THEN b.pending WHEN b.priority < ");
-        out.push_bind_param::<Integer, _>(&self.priority)?;
-        out.push_sql(
-            " THEN 0 WHEN (SELECT l.seq FROM items AS l WHERE l.batch_id = b.id ORDER BY l.item_index DESC LIMIT 1) < ",
-        );
-        out.push_bind_param::<BigInt, _>(&self.seq)?;
-        out.push_sql(
-            " THEN b.pending WHEN (SELECT f.seq FROM items AS f WHERE f.batch_id = b.id ORDER BY f.item_index LIMIT 1) > ",
-        );
-        out.push_bind_param::<BigInt, _>(&self.seq)?;
-        out.push_sql(" THEN 0 ELSE (SELECT COUNT(*) FROM items AS i WHERE i.batch_id = b.id AND i.status = 'pending' AND i.seq < ");
-        out.push_bind_param::<BigInt, _>(&self.seq)?;
-        out.push_sql(") END), 0) FROM batches AS b WHERE b.queue = ");
+        out.push_sql(") - (SELECT COALESCE(SUM(b.pending), 0) FROM batches AS b WHERE b.queue = ");
         out.push_bind_param::<Text, _>(self.queue)?;
         out.push_sql(
-            " AND (status IN ('paused', 'cancelling') OR (run_at IS NOT NULL AND status IN ('pending', 'running'))) \
+            " AND (b.status IN ('paused', 'cancelling') OR (b.run_at IS NOT NULL AND b.status IN ('pending', 'running'))) \
              AND b.pending > 0 AND (b.status NOT IN ('pending', 'running') OR b.run_at > ",
         );
         out.push_bind_param::<SqlTimestamp, _>(&self.now)?;
-        out.push_sql(")) AS BIGINT)");
-        Ok(())
-    }
-}
-
-/// The `seq` of the ready items of `queue` and `priority` from `from` to `to`, in claim order.
-/// The batch is looked up per item (`ready_items!` would list every ready batch first), and
-/// `status` is written out so that the partial index `items_pending` applies. Prepared once
-/// per connection, as [`ReadyAhead`].
-struct ReadySpan<'a> {
-    queue: &'a str,
-    priority: i32,
-    from: i64,
-    to: i64,
-    now: OffsetDateTime,
-}
-
-impl diesel::query_builder::QueryId for ReadySpan<'_> {
-    type QueryId = ReadySpan<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl diesel::query_builder::Query for ReadySpan<'_> {
-    type SqlType = diesel::sql_types::BigInt;
-}
-
-impl diesel::query_builder::QueryFragment<Db> for ReadySpan<'_> {
-    fn walk_ast<'b>(&'b self, mut out: diesel::query_builder::AstPass<'_, 'b, Db>) -> QueryResult<()> {
-        use diesel::sql_types::{BigInt, Integer, Text};
-        out.push_sql("SELECT i.seq FROM items AS i WHERE i.queue = ");
-        out.push_bind_param::<Text, _>(self.queue)?;
-        out.push_sql(" AND i.status = 'pending' AND i.priority = ");
+        out.push_sql(") AND (b.priority > ");
         out.push_bind_param::<Integer, _>(&self.priority)?;
-        out.push_sql(" AND i.seq >= ");
-        out.push_bind_param::<BigInt, _>(&self.from)?;
-        out.push_sql(" AND i.seq <= ");
-        out.push_bind_param::<BigInt, _>(&self.to)?;
-        out.push_sql(" AND (i.next_attempt_at IS NULL OR i.next_attempt_at <= ");
+        out.push_sql(" OR (b.priority = ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(" AND b.seq < ");
+        out.push_bind_param::<BigInt, _>(&self.seq)?;
+        out.push_sql("))) - (SELECT COUNT(*) FROM queue_entries AS e WHERE e.queue = ");
+        out.push_bind_param::<Text, _>(self.queue)?;
+        out.push_sql(" AND e.not_before IS NOT NULL AND e.not_before > ");
         out.push_bind_param::<SqlTimestamp, _>(&self.now)?;
+        out.push_sql(" AND (e.priority > ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(" OR (e.priority = ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(" AND e.batch_seq < ");
+        out.push_bind_param::<BigInt, _>(&self.seq)?;
         out.push_sql(
-            ") AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = i.batch_id \
+            ")) AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = e.batch_id \
              AND b.status IN ('pending', 'running') AND (b.run_at IS NULL OR b.run_at <= ",
         );
         out.push_bind_param::<SqlTimestamp, _>(&self.now)?;
-        out.push_sql(")) ORDER BY i.seq");
+        out.push_sql("))) AS BIGINT)");
         Ok(())
     }
 }
 
-/// Queue positions of the ready pending items among `rows`: 1 + the number of ready items
-/// of the same queue that will be claimed before each (claim order: priority, then `seq`).
-/// The candidates are taken in claim order, in runs of one priority spanning less than
-/// `POSITION_BUCKET` values of `seq`: a run costs one [`ReadyAhead`] for its first item and
-/// one [`ReadySpan`] from its first to its last, whatever the queue holds.
-async fn positions(c: &mut Conn, rows: &[ItemRow], now: OffsetDateTime) -> Result<HashMap<i64, i64>, StoreError> {
-    let mut by_queue: BTreeMap<&str, Vec<&ItemRow>> = BTreeMap::new();
+/// The ready items of a batch ahead of its item `index`: its queue entries before it that
+/// are not waiting for a backoff (blocked later items of a sequential batch count), plus the
+/// pending items at its cursor from `from` to `index`. Prepared once per connection, as
+/// [`ReadyAhead`].
+struct ReadyInBatch<'a> {
+    batch_id: &'a str,
+    index: i32,
+    from: i32,
+    now: OffsetDateTime,
+}
+
+impl diesel::query_builder::QueryId for ReadyInBatch<'_> {
+    type QueryId = ReadyInBatch<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::Query for ReadyInBatch<'_> {
+    type SqlType = diesel::sql_types::BigInt;
+}
+
+impl diesel::query_builder::QueryFragment<Db> for ReadyInBatch<'_> {
+    fn walk_ast<'b>(&'b self, mut out: diesel::query_builder::AstPass<'_, 'b, Db>) -> QueryResult<()> {
+        use diesel::sql_types::{Integer, Text};
+        out.push_sql("SELECT CAST((SELECT COUNT(*) FROM queue_entries WHERE batch_id = ");
+        out.push_bind_param::<Text, _>(self.batch_id)?;
+        out.push_sql(" AND item_index < ");
+        out.push_bind_param::<Integer, _>(&self.index)?;
+        out.push_sql(" AND (not_before IS NULL OR not_before <= ");
+        out.push_bind_param::<SqlTimestamp, _>(&self.now)?;
+        out.push_sql(")) + (SELECT COUNT(*) FROM items WHERE batch_id = ");
+        out.push_bind_param::<Text, _>(self.batch_id)?;
+        out.push_sql(" AND item_index >= ");
+        out.push_bind_param::<Integer, _>(&self.from)?;
+        out.push_sql(" AND item_index < ");
+        out.push_bind_param::<Integer, _>(&self.index)?;
+        out.push_sql(" AND status = 'pending' AND started_at IS NULL) AS BIGINT)");
+        Ok(())
+    }
+}
+
+/// The ready items of `batch` that will be claimed before its pending item `first`.
+async fn ready_in_batch(
+    c: &mut Conn,
+    batch: &BatchRow,
+    first: &ItemRow,
+    now: OffsetDateTime,
+) -> Result<i64, StoreError> {
+    let at_cursor = batch.cursor().waiting(first.started_at.is_some(), first.item_index) == Some(Waiting::AtCursor);
+    let from = if at_cursor { batch.next_index } else { first.item_index };
+    // Most batches have no queue entries, and no item at or after their cursor that ended
+    // before it got there: then the count is a subtraction.
+    let queued = batch.pending - batch.unclaimed;
+    let dense = batch.unclaimed == batch.total - i64::from(batch.next_index);
+    if queued == 0 && dense {
+        return Ok(i64::from(first.item_index - from));
+    }
+    Ok(ReadyInBatch { batch_id: &batch.id, index: first.item_index, from, now }.get_result(c).await?)
+}
+
+/// Queue positions of the ready pending items among `rows` (shown as they are, after
+/// `show_range_running`): 1 + the number of ready items of the same queue that will be
+/// claimed before each. Per batch the rows hold every pending item between their first and
+/// last: one [`ReadyAhead`] and at most one [`ReadyInBatch`] place the first, whatever the
+/// queue holds, and the others follow it.
+async fn positions(
+    c: &mut Conn,
+    rows: &[ItemRow],
+    batches: &HashMap<String, BatchRow>,
+    now: OffsetDateTime,
+) -> Result<HashMap<i64, i64>, StoreError> {
+    let mut groups: BTreeMap<&str, Vec<&ItemRow>> = BTreeMap::new();
     for r in rows {
-        let ready = r.status == ItemStatus::Pending.as_str() && r.next_attempt_at.is_none_or(|t| t <= now);
+        let Some(batch) = batches.get(&r.batch_id) else { continue };
+        let ready = r.status == ItemStatus::Pending.as_str()
+            && r.next_attempt_at.is_none_or(|t| t <= now)
+            && batch.ready(now)?;
         if ready {
-            by_queue.entry(r.queue.as_str()).or_default().push(r);
+            groups.entry(r.batch_id.as_str()).or_default().push(r);
         }
     }
+    let mut paused: HashMap<String, bool> = HashMap::new();
     let mut out = HashMap::new();
-    for (queue, mut candidates) in by_queue {
-        if queue_paused(c, queue).await? {
+    for (batch_id, mut group) in groups {
+        let batch = &batches[batch_id];
+        let queue_paused = match paused.get(&batch.queue) {
+            Some(p) => *p,
+            None => {
+                let p = queue_paused(c, &batch.queue).await?;
+                paused.insert(batch.queue.clone(), p);
+                p
+            }
+        };
+        if queue_paused {
             continue;
         }
-        candidates.sort_by_key(|r| (std::cmp::Reverse(r.priority), r.seq));
-        let mut rest = candidates.as_slice();
-        while let Some(first) = rest.first() {
-            let len = rest
-                .iter()
-                .take_while(|r| r.priority == first.priority && r.seq - first.seq < POSITION_BUCKET)
-                .count();
-            let (run, tail) = rest.split_at(len);
-            rest = tail;
-            let last = run[len - 1];
-            let before: i64 = ReadyAhead::new(queue, first.priority, first.seq, now).get_result(c).await?;
-            let span: Vec<i64> = ReadySpan { queue, priority: first.priority, from: first.seq, to: last.seq, now }
-                .load(c)
-                .await?;
-            for r in run {
-                if let Ok(i) = span.binary_search(&r.seq) {
-                    out.insert(r.seq, before + 1 + i as i64);
-                }
-            }
+        group.sort_by_key(|r| r.item_index);
+        let ahead: i64 = ReadyAhead::new(batch, now).get_result(c).await?;
+        let within = ready_in_batch(c, batch, group[0], now).await?;
+        for (i, r) in group.iter().enumerate() {
+            out.insert(r.seq, 1 + ahead + within + i as i64);
         }
     }
     Ok(out)
 }
 
-async fn with_positions(c: &mut Conn, rows: Vec<ItemRow>, now: OffsetDateTime) -> Result<Vec<ItemRecord>, StoreError> {
-    let positions = positions(c, &rows, now).await?;
-    rows.into_iter().map(|r| {
-        let p = positions.get(&r.seq).copied();
-        r.into_record(p)
-    }).collect()
+/// The batch rows of these items, by id.
+async fn batches_of(c: &mut Conn, rows: &[ItemRow]) -> Result<HashMap<String, BatchRow>, StoreError> {
+    let mut ids: Vec<&str> = rows.iter().map(|r| r.batch_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut out = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(INSERT_CHUNK) {
+        let found: Vec<BatchRow> =
+            batches::table.filter(batches::id.eq_any(chunk)).select(BatchRow::as_select()).load(c).await?;
+        out.extend(found.into_iter().map(|b| (b.id.clone(), b)));
+    }
+    Ok(out)
+}
+
+/// Shows the rows that run under a range lease as running, with their lease's times.
+async fn show_range_running(
+    c: &mut Conn,
+    rows: &mut [ItemRow],
+    batches: &HashMap<String, BatchRow>,
+) -> Result<(), StoreError> {
+    let under: Vec<usize> = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| {
+            batches.get(&r.batch_id).is_some_and(|b| b.runs_under_range(&r.status, r.started_at, r.item_index))
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if under.is_empty() {
+        return Ok(());
+    }
+    let leases = range_leases(c, under.iter().map(|&i| rows[i].batch_id.clone())).await?;
+    for i in under {
+        let row = &mut rows[i];
+        let lease = covering(&leases, &row.batch_id, row.item_index).cloned();
+        row.show_running_under(lease.as_ref());
+    }
+    Ok(())
+}
+
+/// Item records as clients see them: running under a range lease shown as running, and
+/// positions of ready pending items.
+async fn records(
+    c: &mut Conn,
+    mut rows: Vec<ItemRow>,
+    batches: &HashMap<String, BatchRow>,
+    now: OffsetDateTime,
+) -> Result<Vec<ItemRecord>, StoreError> {
+    show_range_running(c, &mut rows, batches).await?;
+    let positions = positions(c, &rows, batches, now).await?;
+    rows.into_iter()
+        .map(|r| {
+            let p = positions.get(&r.seq).copied();
+            r.into_record(p)
+        })
+        .collect()
 }
 
 async fn find_visible_batch(c: &mut Conn, scope: Scope<'_>, id: &str) -> Result<BatchRow, StoreError> {
@@ -1290,18 +2282,21 @@ impl ThisStore {
     }
 
     /// Runs a write transaction and, after it commits, publishes its notices.
-    async fn write<R: Send>(
+    async fn write<R: Send + 'static>(
         &self,
         f: impl for<'c> FnOnce(&'c mut Conn) -> futures_util::future::BoxFuture<'c, Result<(R, Vec<Notice>), StoreError>>
             + Send
             + 'static,
     ) -> Result<R, StoreError> {
-        let mut conn = self.write_conn().await?;
-        let (result, notices) = write_tx!(conn, |c| {
-            let (result, notices) = f(c).await?;
-            Self::notify_in_tx(c, &notices).await?;
-            Ok::<_, StoreError>((result, notices))
-        })?;
+        let (result, notices) = self
+            .transaction(move |c| {
+                Box::pin(async move {
+                    let (result, notices) = f(c).await?;
+                    Self::notify_in_tx(c, &notices).await?;
+                    Ok((result, notices))
+                })
+            })
+            .await?;
         self.after_commit(notices);
         Ok(result)
     }
@@ -1337,7 +2332,9 @@ impl ThisStore {
         .await
     }
 
-    /// Locks a visible item and its batch, lets `change` act on them, and saves both.
+    /// Locks a visible item and its batch, lets `change` act on them, and saves both. An
+    /// item running under a range lease is shown to `change` as running (and refused by
+    /// every change there is); one that starts or stops waiting is queued or unqueued.
     async fn control_item(
         &self,
         scope: Scope<'_>,
@@ -1355,11 +2352,27 @@ impl ThisStore {
                     .ok_or(StoreError::NotFound)?;
                 let batch = lock_batch(c, &item.batch_id).await?.ok_or(StoreError::NotFound)?;
                 let mut t = Touched::new(batch);
+                if t.row.runs_under_range(&item.status, item.started_at, item.item_index) {
+                    let leases = range_leases(c, [item.batch_id.clone()]).await?;
+                    item.show_running_under(covering(&leases, &item.batch_id, item.item_index));
+                    change(&mut item, &mut t, now)?;
+                    return Err(StoreError::Corrupt(format!(
+                        "item {} was changed while running under a range lease",
+                        item.id
+                    )));
+                }
+                let was_pending = item.status == ItemStatus::Pending.as_str();
                 change(&mut item, &mut t, now)?;
+                match (was_pending, item.status == ItemStatus::Pending.as_str()) {
+                    (true, false) => t.leave_pending(&item),
+                    (false, true) => t.enter_pending(&item)?,
+                    _ => {}
+                }
                 save_item(c, &item).await?;
                 let notices = save_batch(c, &mut t, now).await?;
-                let position = positions(c, std::slice::from_ref(&item), now).await?.get(&item.seq).copied();
-                Ok((item.into_record(position)?, notices))
+                let batches = HashMap::from([(t.row.id.clone(), t.row.clone())]);
+                let record = records(c, vec![item], &batches, now).await?.remove(0);
+                Ok((record, notices))
             })
         })
         .await
@@ -1401,6 +2414,7 @@ impl ThisStore {
 
         let total = new.items.len() as i64;
         let counts = Counts::new(total);
+        let sequential = new.mode == Mode::Sequential;
         let row = BatchRow {
             id: new.id.clone(),
             tenant: new.tenant.clone(),
@@ -1433,9 +2447,11 @@ impl ThisStore {
             started_at: None,
             updated_at: now,
             completed_at: None,
+            seq: next_batch_seq(c).await?,
+            next_index: 0,
+            unclaimed: if sequential { 0 } else { total },
         };
         diesel::insert_into(batches::table).values(&row).execute(c).await?;
-        let sequential = new.mode == Mode::Sequential;
         let item_rows: Vec<NewItemRow> = new
             .items
             .iter()
@@ -1460,7 +2476,26 @@ impl ThisStore {
             .collect();
         let ids: Vec<String> = item_rows.iter().map(|r| r.id.clone()).collect();
         insert_items(c, item_rows).await?;
-        let mut t = Touched::new(row);
+        let mut t = Touched::created(row);
+        if sequential {
+            // A sequential batch's items are claimed one by one, in order: every one waits in
+            // the queue, the first one unblocked.
+            let seqs: Vec<(i64, i32)> = items::table
+                .filter(items::batch_id.eq(&new.id))
+                .select((items::seq, items::item_index))
+                .load(c)
+                .await?;
+            t.entries_add.extend(seqs.into_iter().map(|(item_seq, item_index)| EntryRow {
+                item_seq,
+                batch_id: new.id.clone(),
+                queue: new.queue.clone(),
+                priority: new.priority,
+                batch_seq: t.row.seq,
+                item_index,
+                blocked: item_index > 0,
+                not_before: None,
+            }));
+        }
         let data = json!({"total_items": total});
         t.event(EventType::BatchCreated, None, None, Some(data), now);
         let mut notices = save_batch(c, &mut t, now).await?;
@@ -1561,8 +2596,25 @@ impl crate::Store for ThisStore {
         let mut conn = self.read_conn().await?;
         let batch = find_visible_batch(&mut conn, scope, batch_id).await?;
         let mut q = items::table.filter(items::batch_id.eq(batch_id.to_owned())).select(ItemRow::as_select()).into_boxed();
-        if let Some(s) = status {
-            q = q.filter(items::status.eq(s.as_str()));
+        // Rows that say `pending` may be running under a range lease: the filter asks for the
+        // status clients see.
+        let sequential = batch.cursor().sequential;
+        let cursor = batch.next_index;
+        let under_range = items::status
+            .eq(ItemStatus::Pending.as_str())
+            .and(items::started_at.is_null())
+            .and(items::item_index.lt(cursor));
+        match status {
+            Some(ItemStatus::Pending) if !sequential => {
+                q = q.filter(items::status.eq(ItemStatus::Pending.as_str())).filter(
+                    items::started_at.is_not_null().or(items::item_index.ge(cursor)),
+                );
+            }
+            Some(ItemStatus::Running) if !sequential => {
+                q = q.filter(items::status.eq(ItemStatus::Running.as_str()).or(under_range));
+            }
+            Some(s) => q = q.filter(items::status.eq(s.as_str())),
+            None => {}
         }
         if let Some(cursor) = &page.cursor {
             let after: i32 = cursor.parse().map_err(|_| bad_cursor())?;
@@ -1576,12 +2628,8 @@ impl crate::Store for ThisStore {
         } else {
             None
         };
-        let rows = if claimable(batch.status()?) && batch.run_at.is_none_or(|t| t <= now) {
-            with_positions(&mut conn, rows, now).await?
-        } else {
-            rows.into_iter().map(|r| r.into_record(None)).collect::<Result<_, _>>()?
-        };
-        Ok(Page { rows, next_cursor })
+        let batches = HashMap::from([(batch.id.clone(), batch)]);
+        Ok(Page { rows: records(&mut conn, rows, &batches, now).await?, next_cursor })
     }
 
     async fn list_recent_items(
@@ -1609,7 +2657,8 @@ impl crate::Store for ThisStore {
         } else {
             None
         };
-        Ok(Page { rows: with_positions(&mut conn, rows, now).await?, next_cursor })
+        let batches = batches_of(&mut conn, &rows).await?;
+        Ok(Page { rows: records(&mut conn, rows, &batches, now).await?, next_cursor })
     }
 
     async fn get_item(&self, scope: Scope<'_>, id: &str) -> Result<ItemRecord, StoreError> {
@@ -1623,7 +2672,9 @@ impl crate::Store for ThisStore {
             .optional()?
             .filter(|i| visible(&i.tenant, scope))
             .ok_or(StoreError::NotFound)?;
-        Ok(with_positions(&mut conn, vec![row], now).await?.remove(0))
+        let rows = vec![row];
+        let batches = batches_of(&mut conn, &rows).await?;
+        Ok(records(&mut conn, rows, &batches, now).await?.remove(0))
     }
 
     async fn read_events(
@@ -1635,19 +2686,27 @@ impl crate::Store for ThisStore {
     ) -> Result<Vec<EventRecord>, StoreError> {
         let mut conn = self.read_conn().await?;
         find_visible_batch(&mut conn, scope, batch_id).await?;
-        let rows: Vec<EventRow> = events::table
-            .filter(events::batch_id.eq(batch_id))
-            .filter(events::seq.gt(after))
-            .order(events::seq.asc())
-            .limit(limit.clamp(1, 1_000) as i64)
-            .select(EventRow::as_select())
+        let limit = limit.clamp(1, 1_000);
+        // Every run holds at least one event: `limit` runs hold enough.
+        let runs: Vec<EventRunRow> = event_runs::table
+            .filter(event_runs::batch_id.eq(batch_id))
+            .filter(event_runs::last_seq.gt(after))
+            .order(event_runs::last_seq.asc())
+            .limit(limit as i64)
+            .select(EventRunRow::as_select())
             .load(&mut *conn)
             .await?;
-        rows.into_iter()
-            .map(|e| {
-                Ok(EventRecord {
+        let mut out = Vec::with_capacity(limit);
+        for run in runs {
+            let events: Vec<EventRow> = serde_json::from_str(&run.events)
+                .map_err(|e| StoreError::Corrupt(format!("the event run of batch {} up to {}: {e}", run.batch_id, run.last_seq)))?;
+            for e in events.into_iter().filter(|e| e.seq > after) {
+                if out.len() == limit {
+                    return Ok(out);
+                }
+                out.push(EventRecord {
                     event_type: e.event_type.parse()?,
-                    batch_id: e.batch_id,
+                    batch_id: run.batch_id.clone(),
                     seq: e.seq,
                     item_id: e.item_id,
                     item_index: e.item_index,
@@ -1655,9 +2714,10 @@ impl crate::Store for ThisStore {
                     message: e.message,
                     data: e.data,
                     at: e.at,
-                })
-            })
-            .collect()
+                });
+            }
+        }
+        Ok(out)
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedItem>, StoreError> {
@@ -1668,24 +2728,55 @@ impl crate::Store for ThisStore {
     async fn renew_lease(&self, item_id: &str, lease_token: &str, lease: Duration) -> Result<LeaseState, StoreError> {
         let now = self.now();
         let expires = now + lease;
-        let mut conn = self.write_conn().await?;
-        let batch_id: Option<String> = diesel::update(
-            items::table
-                .filter(items::id.eq(item_id))
-                .filter(items::status.eq(ItemStatus::Running.as_str()))
-                .filter(items::lease_token.eq(lease_token)),
-        )
-        .set((items::lease_expires_at.eq(expires), items::updated_at.eq(now)))
-        .returning(items::batch_id)
-        .get_result(&mut *conn)
-        .await
-        .optional()?;
-        drop(conn);
-        let mut conn = self.read_conn().await?;
-        match batch_id {
-            Some(batch_id) => {
-                let status: String =
-                    batches::table.find(&batch_id).select(batches::status).first(&mut *conn).await?;
+        let (id, token) = (item_id.to_owned(), lease_token.to_owned());
+        let held = self
+            .write(move |c| {
+                Box::pin(async move {
+                    let row: Option<EndRow> =
+                        locked!(items::table.filter(items::id.eq(&id)).select(EndRow::as_select()))
+                            .first(c)
+                            .await
+                            .optional()?;
+                    let Some(row) = row else { return Ok((None, Vec::new())) };
+                    let held = if row.status == ItemStatus::Running.as_str() {
+                        if row.lease_token.as_deref() != Some(token.as_str()) {
+                            return Ok((None, Vec::new()));
+                        }
+                        diesel::update(items::table.filter(items::seq.eq(row.seq)))
+                            .set((items::lease_expires_at.eq(expires), items::updated_at.eq(now)))
+                            .execute(c)
+                            .await?;
+                        diesel::update(leases::table.filter(leases::item_seq.eq(row.seq)))
+                            .set(leases::expires_at.eq(expires))
+                            .execute(c)
+                            .await?;
+                        expires
+                    } else if row.status == ItemStatus::Pending.as_str() && row.started_at.is_none() {
+                        // Perhaps running under a range lease: renewing it renews the range,
+                        // which the same holder runs.
+                        let ranges = range_leases(c, [row.batch_id.clone()]).await?;
+                        let Some(range) = covering(&ranges, &row.batch_id, row.item_index)
+                            .filter(|l| l.holds(row.item_index, &token))
+                        else {
+                            return Ok((None, Vec::new()));
+                        };
+                        let until = range.expires_at.max(expires);
+                        diesel::update(leases::table.find(range.id))
+                            .set(leases::expires_at.eq(until))
+                            .execute(c)
+                            .await?;
+                        until
+                    } else {
+                        return Ok((None, Vec::new()));
+                    };
+                    let status: String =
+                        batches::table.find(&row.batch_id).select(batches::status).first(c).await?;
+                    Ok((Some((held, status)), Vec::new()))
+                })
+            })
+            .await?;
+        match held {
+            Some((expires, status)) => {
                 let status: BatchStatus = status.parse()?;
                 Ok(if matches!(status, BatchStatus::Cancelling | BatchStatus::Cancelled | BatchStatus::Failed) {
                     LeaseState::Cancelled
@@ -1693,7 +2784,10 @@ impl crate::Store for ThisStore {
                     LeaseState::Held(expires)
                 })
             }
-            None => lease_lost_state(&mut conn, item_id).await,
+            None => {
+                let mut conn = self.read_conn().await?;
+                lease_lost_state(&mut conn, item_id).await
+            }
         }
     }
 
@@ -1706,11 +2800,25 @@ impl crate::Store for ThisStore {
                     let Some(mut item) = lock_item(c, &id).await? else {
                         return Ok((None, Vec::new()));
                     };
-                    if item.status != ItemStatus::Running.as_str() || item.lease_token.as_deref() != Some(&lease_token) {
-                        return Ok((None, Vec::new()));
-                    }
                     let batch = lock_batch(c, &item.batch_id).await?.ok_or(StoreError::NotFound)?;
                     let mut t = Touched::new(batch);
+                    if t.row.runs_under_range(&item.status, item.started_at, item.item_index) {
+                        // Its row is written now: take it out of its range first.
+                        let ranges = range_leases(c, [item.batch_id.clone()]).await?;
+                        let Some(range) = covering(&ranges, &item.batch_id, item.item_index)
+                            .filter(|l| l.holds(item.item_index, &lease_token))
+                        else {
+                            return Ok((None, Vec::new()));
+                        };
+                        if matches!(t.status()?, BatchStatus::Cancelling | BatchStatus::Cancelled | BatchStatus::Failed) {
+                            return Ok((Some(LeaseState::Cancelled), Vec::new()));
+                        }
+                        t.materialize(&mut item, range);
+                    } else if item.status != ItemStatus::Running.as_str()
+                        || item.lease_token.as_deref() != Some(&lease_token)
+                    {
+                        return Ok((None, Vec::new()));
+                    }
                     if matches!(t.status()?, BatchStatus::Cancelling | BatchStatus::Cancelled | BatchStatus::Failed) {
                         return Ok((Some(LeaseState::Cancelled), Vec::new()));
                     }
@@ -1744,7 +2852,7 @@ impl crate::Store for ThisStore {
                             None => json!({"progress": progress}),
                         });
                     }
-                    t.event(event_type, Some(ItemSnapshot { row: &item }), report.message.clone(), data, now);
+                    t.event(event_type, Some(item.snapshot()), report.message.clone(), data, now);
                     save_item(c, &item).await?;
                     let notices = save_batch(c, &mut t, now).await?;
                     Ok((Some(LeaseState::Held(item.lease_expires_at.unwrap_or(now))), notices))
@@ -1777,44 +2885,95 @@ impl crate::Store for ThisStore {
         let max_error_chars = self.max_error_chars;
         self.write(move |c| {
             Box::pin(async move {
-                // Lock order (see the top of this file): the finished items' rows, then the
-                // candidates' rows (skipping rows other transactions hold), then every batch
-                // row involved, in id order.
-                let mut rows = lock_finished_items(c, &finishes).await?;
-                let mut candidates = Vec::with_capacity(claims.len());
+                // Lock order (see the top of this file): completions write (and so lock) their
+                // rows first, then the other finished items' rows are locked; the claims'
+                // queue entries (skipping those other transactions hold) and their items' rows;
+                // then every batch row involved, in id order.
+                let fast = complete_fast(c, &finishes, now).await?;
+                let mut rows = lock_end_rows(
+                    c,
+                    finishes.iter().enumerate().filter(|(pos, _)| !fast.contains_key(pos)).map(|(_, f)| f.item_id.as_str()),
+                )
+                .await?;
+                let mut paused = HashMap::new();
                 for request in &claims {
-                    let taken: HashSet<i64> = candidates.iter().flatten().map(|r: &ItemRow| r.seq).collect();
-                    candidates.push(claim_candidates(c, request, &taken, now).await?);
+                    if !paused.contains_key(&request.queue) {
+                        paused.insert(request.queue.clone(), queue_paused(c, &request.queue).await?);
+                    }
+                }
+                let open: Vec<&ClaimRequest> =
+                    claims.iter().filter(|r| r.max_items > 0 && !paused[&r.queue]).collect();
+                let mut entries: Vec<Vec<EntryRow>> = Vec::with_capacity(claims.len());
+                for request in &claims {
+                    if !open.iter().any(|r| std::ptr::eq(*r, request)) {
+                        entries.push(Vec::new());
+                        continue;
+                    }
+                    let taken: HashSet<i64> = entries.iter().flatten().map(|e| e.item_seq).collect();
+                    entries.push(entry_candidates(c, request, &taken, now).await?);
+                }
+                let entry_seqs: Vec<i64> = entries.iter().flatten().map(|e| e.item_seq).collect();
+                let mut entry_rows: HashMap<i64, ItemRow> = HashMap::with_capacity(entry_seqs.len());
+                for chunk in entry_seqs.chunks(INSERT_CHUNK) {
+                    let found: Vec<ItemRow> = locked!(
+                        items::table
+                            .filter(items::seq.eq_any(chunk))
+                            .order(items::seq.asc())
+                            .select(ItemRow::as_select())
+                    )
+                    .load(c)
+                    .await?;
+                    entry_rows.extend(found.into_iter().map(|r| (r.seq, r)));
+                }
+                let mut cursors = Vec::with_capacity(claims.len());
+                for request in &claims {
+                    let wanted = open.iter().any(|r| std::ptr::eq(*r, request));
+                    cursors.push(if wanted { range_candidates(c, request, now).await? } else { Vec::new() });
                 }
                 let mut touched = lock_batches(
                     c,
-                    rows.values()
-                        .filter(|r| r.status == ItemStatus::Running.as_str())
-                        .map(|r| r.batch_id.clone())
-                        .chain(candidates.iter().flatten().map(|r| r.batch_id.clone())),
+                    fast.values()
+                        .map(|(done, _)| done.batch_id.clone())
+                        .chain(rows.values().map(|r| r.batch_id.clone()))
+                        .chain(entries.iter().flatten().map(|e| e.batch_id.clone()))
+                        .chain(cursors.iter().flatten().map(|(id, _, _)| id.clone())),
+                )
+                .await?;
+                // The range leases that the other finishes name.
+                let leases = leases_by_id(
+                    c,
+                    finishes
+                        .iter()
+                        .enumerate()
+                        .filter(|(pos, _)| !fast.contains_key(pos))
+                        .filter_map(|(_, f)| Some(parse_range_token(&f.lease_token)?.0))
+                        .collect(),
                 )
                 .await?;
                 let mut failed_now = HashSet::new();
-                let (results, finished) =
-                    apply_finishes(c, finishes, &mut rows, &mut touched, &mut failed_now, max_error_chars, now).await?;
-                let mut changed = finished;
-                let mut started = Vec::with_capacity(claims.len());
-                for (request, candidates) in claims.iter().zip(candidates) {
-                    // Items of a batch this group just failed were cancelled with it.
-                    let candidates = candidates.into_iter().filter(|r| !failed_now.contains(&r.batch_id));
-                    let (claimed, items) = apply_claim(request, candidates, &mut touched, now)?;
-                    started.push((changed.len(), claimed));
+                let (results, mut changed) = apply_finishes(
+                    c,
+                    finishes,
+                    fast,
+                    &mut rows,
+                    &mut touched,
+                    &leases,
+                    &mut failed_now,
+                    max_error_chars,
+                    now,
+                )
+                .await?;
+                let mut claimed_out = Vec::with_capacity(claims.len());
+                for ((request, entries), cursors) in claims.iter().zip(entries).zip(cursors) {
+                    let (claimed, items) =
+                        claim_for(c, request, entries, &mut entry_rows, cursors, &mut touched, &failed_now, now)
+                            .await?;
+                    claimed_out.push(claimed);
                     changed.extend(items);
                 }
-                let mut saved = save_items(c, changed).await?;
+                // Entries found but not claimed stay; their rows were only locked.
+                save_items(c, changed).await?;
                 let notices = save_batches(c, &mut touched, now).await?;
-                // Each claim's started rows, in claim order, from where they were put.
-                let mut claimed_out = Vec::with_capacity(started.len());
-                for (from, claimed) in started.into_iter().rev() {
-                    let rows = saved.split_off(from);
-                    claimed_out.push(claimed_items(claimed, rows));
-                }
-                claimed_out.reverse();
                 Ok(((results, claimed_out), notices))
             })
         })
@@ -1826,26 +2985,88 @@ impl crate::Store for ThisStore {
         let max_error_chars = self.max_error_chars;
         self.write(move |c| {
             Box::pin(async move {
-                // Written out, not bound, so that SQLite reads `items_running_leases` (see
-                // `claim_candidates`); with a bound status it read the whole table.
-                let expired: Vec<ItemRow> = skip_locked!(
-                    items::table
-                        .filter(diesel::dsl::sql::<diesel::sql_types::Bool>("items.status = 'running'"))
-                        .filter(items::lease_expires_at.lt(now))
-                        .order(items::lease_expires_at.asc())
-                        .limit(REQUEUE_BATCH)
-                        .select(ItemRow::as_select())
-                )
-                .load(c)
-                .await?;
+                // Range leases all of whose items ended are left to expire: they go here.
+                DropIdleLeases { now, _row: std::marker::PhantomData }.execute(c).await?;
+                // Read without locks first: the lock order puts lease rows last.
+                let expired: Vec<LeaseRow> = leases::table
+                    .filter(leases::expires_at.lt(now))
+                    .order(leases::expires_at.asc())
+                    .limit(REQUEUE_BATCH)
+                    .select(LeaseRow::as_select())
+                    .load(c)
+                    .await?;
                 if expired.is_empty() {
                     return Ok((0, Vec::new()));
                 }
-                let mut touched = lock_batches(c, expired.iter().map(|i| i.batch_id.clone())).await?;
-                let n = expired.len();
-                let mut changed = Vec::with_capacity(n);
-                for mut item in expired {
+                // The items still running under them, locked (skipping those whose worker is
+                // recording a result right now).
+                let singles: Vec<i64> = expired.iter().filter_map(|l| l.item_seq).collect();
+                let mut found: Vec<ItemRow> = Vec::new();
+                for chunk in singles.chunks(INSERT_CHUNK) {
+                    found.extend(
+                        skip_locked!(
+                            items::table
+                                .filter(items::seq.eq_any(chunk))
+                                .filter(items::status.eq(ItemStatus::Running.as_str()))
+                                .order(items::seq.asc())
+                                .select(ItemRow::as_select())
+                        )
+                        .load(c)
+                        .await?,
+                    );
+                }
+                for range in expired.iter().filter(|l| l.item_seq.is_none()) {
+                    found.extend(
+                        skip_locked!(
+                            items::table
+                                .filter(items::batch_id.eq(&range.batch_id))
+                                .filter(items::item_index.between(range.first_index, range.last_index))
+                                .filter(items::status.eq(ItemStatus::Pending.as_str()))
+                                .filter(items::started_at.is_null())
+                                .order(items::item_index.asc())
+                                .select(ItemRow::as_select())
+                        )
+                        .load(c)
+                        .await?,
+                    );
+                }
+                let mut touched = lock_batches(
+                    c,
+                    expired.iter().map(|l| l.batch_id.clone()).chain(found.iter().map(|i| i.batch_id.clone())),
+                )
+                .await?;
+                // Renewed meanwhile? Look again with the lease rows locked.
+                let ids: Vec<i64> = expired.iter().map(|l| l.id).collect();
+                let still: HashMap<i64, LeaseRow> = locked!(
+                    leases::table
+                        .filter(leases::id.eq_any(ids))
+                        .filter(leases::expires_at.lt(now))
+                        .order(leases::id.asc())
+                        .select(LeaseRow::as_select())
+                )
+                .load(c)
+                .await?
+                .into_iter()
+                .map(|l| (l.id, l))
+                .collect();
+                let by_item: HashMap<i64, &LeaseRow> =
+                    still.values().filter_map(|l| Some((l.item_seq?, l))).collect();
+                let mut handled: HashMap<i64, usize> = HashMap::new();
+                let mut changed = Vec::new();
+                for mut item in found {
                     let Some(t) = touched.get_mut(&item.batch_id) else { continue };
+                    let lease = if item.status == ItemStatus::Running.as_str() {
+                        by_item.get(&item.seq).copied()
+                    } else if t.row.runs_under_range(&item.status, item.started_at, item.item_index) {
+                        still.values().find(|l| l.batch_id == item.batch_id && l.covers(item.item_index))
+                    } else {
+                        None
+                    };
+                    let Some(lease) = lease else { continue };
+                    *handled.entry(lease.id).or_default() += 1;
+                    if lease.item_seq.is_none() {
+                        t.materialize(&mut item, lease);
+                    }
                     end_attempt(&mut item, t, Ending::LeaseExpired, max_error_chars, now)?;
                     changed.push(item);
                     if fails_batch_now(t) {
@@ -1854,6 +3075,34 @@ impl crate::Store for ThisStore {
                         cancel_waiting_items(c, t, CancelReason::FailBatch, now).await?;
                     }
                 }
+                // A lease none of whose items runs any more is dropped; one whose items
+                // another transaction holds stays for the next round.
+                for lease in still.values().filter(|l| !handled.contains_key(&l.id)) {
+                    let still_running: i64 = match lease.item_seq {
+                        Some(seq) => {
+                            items::table
+                                .filter(items::seq.eq(seq))
+                                .filter(items::status.eq(ItemStatus::Running.as_str()))
+                                .count()
+                                .get_result(c)
+                                .await?
+                        }
+                        None => {
+                            items::table
+                                .filter(items::batch_id.eq(&lease.batch_id))
+                                .filter(items::item_index.between(lease.first_index, lease.last_index))
+                                .filter(items::status.eq(ItemStatus::Pending.as_str()))
+                                .filter(items::started_at.is_null())
+                                .count()
+                                .get_result(c)
+                                .await?
+                        }
+                    };
+                    if still_running == 0 {
+                        diesel::delete(leases::table.find(lease.id)).execute(c).await?;
+                    }
+                }
+                let n = handled.values().sum::<usize>();
                 save_items(c, changed).await?;
                 let mut notices = save_batches(c, &mut touched, now).await?;
                 notices.extend(touched.values().map(|t| Notice::Work { queue: t.row.queue.clone() }));
@@ -1934,6 +3183,7 @@ impl crate::Store for ThisStore {
                     item.cancel_reason = None;
                     item.blocked = sequential;
                     t.move_item(from, to_item);
+                    t.enter_pending(&item)?;
                     save_item(c, &item).await?;
                 }
                 t.row.error = None;
@@ -1953,7 +3203,7 @@ impl crate::Store for ThisStore {
             item.cancel_reason = Some(CancelReason::Item.as_str().to_owned());
             item.blocked = false;
             t.move_item(from, to);
-            t.event(EventType::ItemCancelled, Some(ItemSnapshot { row: item }), None, None, now);
+            t.event(EventType::ItemCancelled, Some(item.snapshot()), None, None, now);
             t.advance = true;
             t.settle(now)
         })
@@ -1968,7 +3218,7 @@ impl crate::Store for ThisStore {
             item.answer = Some(answer.clone());
             t.move_item(from, to);
             let data = json!({"answer": answer});
-            t.event(EventType::ItemInputReceived, Some(ItemSnapshot { row: item }), None, Some(data), now);
+            t.event(EventType::ItemInputReceived, Some(item.snapshot()), None, Some(data), now);
             Ok(())
         })
         .await
@@ -1999,14 +3249,11 @@ impl crate::Store for ThisStore {
     async fn queue_stats(&self) -> Result<Vec<QueueStats>, StoreError> {
         let now = self.now();
         let mut conn = self.read_conn().await?;
-        let active: Vec<(String, String, i64)> = items::table
-            .filter(items::status.eq_any([
-                ItemStatus::Pending.as_str(),
-                ItemStatus::Running.as_str(),
-                ItemStatus::NeedsInput.as_str(),
-            ]))
-            .group_by((items::queue, items::status))
-            .select((items::queue, items::status, diesel::dsl::count_star()))
+        // The batches' counters hold every item's state, including those running under a
+        // range lease (whose rows say `pending`); items share their batch's `created_at`.
+        let active: Vec<BatchRow> = batches::table
+            .filter(batches::pending.gt(0).or(batches::running.gt(0)).or(batches::needs_input.gt(0)))
+            .select(BatchRow::as_select())
             .load(&mut *conn)
             .await?;
         let recent: Vec<(String, i64)> = items::table
@@ -2030,12 +3277,13 @@ impl crate::Store for ThisStore {
                 oldest_pending_at: None,
             })
         }
-        for (queue, status, n) in active {
-            let s = stats_of(&mut out, queue);
-            match status.as_str() {
-                "pending" => s.depth = n,
-                "running" => s.running = n,
-                _ => s.needs_input = n,
+        for b in active {
+            let s = stats_of(&mut out, b.queue.clone());
+            s.depth += b.pending;
+            s.running += b.running;
+            s.needs_input += b.needs_input;
+            if b.pending > 0 {
+                s.oldest_pending_at = Some(s.oldest_pending_at.map_or(b.created_at, |t| t.min(b.created_at)));
             }
         }
         for (queue, n) in recent {
@@ -2043,16 +3291,6 @@ impl crate::Store for ThisStore {
         }
         for (queue, p) in paused {
             stats_of(&mut out, queue).paused = p;
-        }
-        for s in out.values_mut().filter(|s| s.depth > 0) {
-            s.oldest_pending_at = items::table
-                .filter(items::queue.eq(&s.name))
-                .filter(items::status.eq(ItemStatus::Pending.as_str()))
-                .order(items::seq.asc())
-                .select(items::created_at)
-                .first(&mut *conn)
-                .await
-                .optional()?;
         }
         Ok(out.into_values().collect())
     }
@@ -2070,10 +3308,15 @@ impl crate::Store for ThisStore {
                     .select(batches::id)
                     .load(c)
                     .await?;
-                // Items and events go explicitly (PostgreSQL keeps no foreign key on them);
-                // webhook deliveries and their attempts go with their batch.
+                // Items, events, queue entries and leases go explicitly (PostgreSQL keeps no
+                // foreign key on them); webhook deliveries and their attempts go with their
+                // batch.
                 for chunk in ids.chunks(INSERT_CHUNK) {
-                    diesel::delete(events::table.filter(events::batch_id.eq_any(chunk))).execute(c).await?;
+                    diesel::delete(event_runs::table.filter(event_runs::batch_id.eq_any(chunk))).execute(c).await?;
+                    diesel::delete(queue_entries::table.filter(queue_entries::batch_id.eq_any(chunk)))
+                        .execute(c)
+                        .await?;
+                    diesel::delete(leases::table.filter(leases::batch_id.eq_any(chunk))).execute(c).await?;
                     diesel::delete(items::table.filter(items::batch_id.eq_any(chunk))).execute(c).await?;
                     diesel::delete(batches::table.filter(batches::id.eq_any(chunk))).execute(c).await?;
                 }
@@ -2082,7 +3325,6 @@ impl crate::Store for ThisStore {
         })
         .await
     }
-
     async fn claim_deliveries(&self, max: usize, lease: Duration) -> Result<Vec<DueDelivery>, StoreError> {
         if max == 0 {
             return Ok(Vec::new());
@@ -2312,4 +3554,57 @@ async fn lease_lost_state(c: &mut Conn, item_id: &str) -> Result<LeaseState, Sto
         }
         _ => LeaseState::Lost,
     })
+}
+
+#[cfg(test)]
+mod event_run_tests {
+    use super::*;
+
+    fn event(batch: &str, seq: i64, message: &str) -> EventRow {
+        EventRow {
+            batch_id: batch.to_owned(),
+            seq,
+            item_id: Some(format!("item-{seq}")),
+            item_index: Some(seq as i32),
+            event_type: EventType::ItemStarted.to_string(),
+            step: None,
+            message: Some(message.to_owned()),
+            data: Some(json!({"attempt": 1})),
+            at: OffsetDateTime::from_unix_timestamp_nanos(1_733_283_593_123_456_000).expect("a time"),
+        }
+    }
+
+    #[test]
+    fn runs_hold_consecutive_events_of_one_batch_and_stay_small() {
+        let mut events: Vec<EventRow> = (1..=40).map(|seq| event("a", seq, "m")).collect();
+        events.push(event("b", 1, "m"));
+        events.push(event("b", 3, "m"));
+        let runs = event_runs_of(events).expect("runs");
+        assert!(runs.iter().all(|r| r.events.len() < EVENT_RUN_BYTES + 200));
+        let a: Vec<&EventRunRow> = runs.iter().filter(|r| r.batch_id == "a").collect();
+        assert!(a.len() > 1, "40 events do not fit one run");
+        assert_eq!(a[0].first_seq, 1);
+        assert_eq!(a[a.len() - 1].last_seq, 40);
+        assert!(a.windows(2).all(|w| w[0].last_seq + 1 == w[1].first_seq));
+        let b: Vec<(i64, i64)> = runs.iter().filter(|r| r.batch_id == "b").map(|r| (r.first_seq, r.last_seq)).collect();
+        assert_eq!(b, vec![(1, 1), (3, 3)], "a gap in seq starts a new run");
+        let back: Vec<EventRow> = a.iter().flat_map(|r| serde_json::from_str::<Vec<EventRow>>(&r.events).expect("json")).collect();
+        assert_eq!(back.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=40).collect::<Vec<_>>());
+        assert_eq!(back[0].at, event("a", 1, "m").at, "times keep their microseconds");
+        assert_eq!(back[0].message.as_deref(), Some("m"));
+    }
+
+    #[test]
+    fn times_moved_from_the_old_sqlite_table_are_read_as_text() {
+        let e: EventRow = serde_json::from_str(
+            r#"{"seq":1,"item_id":null,"item_index":null,"type":"batch.created","step":null,"message":null,"data":{"total_items":3},"at":"2026-12-04 03:41:20.123456+00:00"}"#,
+        )
+        .expect("an event");
+        assert_eq!(e.at, time::macros::datetime!(2026-12-04 03:41:20.123456 UTC));
+        let whole: EventRow = serde_json::from_str(
+            r#"{"seq":2,"item_id":null,"item_index":null,"type":"batch.created","step":null,"message":null,"data":null,"at":"2026-12-04 03:41:20+00:00"}"#,
+        )
+        .expect("an event at a whole second");
+        assert_eq!(whole.at, time::macros::datetime!(2026-12-04 03:41:20 UTC));
+    }
 }

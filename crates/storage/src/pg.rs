@@ -7,8 +7,8 @@ mod schema;
 use std::sync::Arc;
 
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
-use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures_util::StreamExt;
@@ -20,13 +20,16 @@ use crate::{Clock, StoreOptions};
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/postgres");
 const BACKEND: &str = "postgres";
 
-/// Claimable items, in the words of the `items_claimable` index's condition.
-const CLAIMABLE: &str = "items.status = 'pending' AND NOT items.blocked";
+/// Queue entries that may be claimed, in the words of the `queue_entries_claim` index's
+/// condition.
+const UNBLOCKED: &str = "NOT queue_entries.blocked";
 
 type Conn = AsyncPgConnection;
 type Db = diesel::pg::Pg;
 /// The SQL type of the times in hand-written SQL.
 type SqlTimestamp = diesel::sql_types::Timestamptz;
+/// The SQL type of JSON columns in hand-written SQL.
+type SqlJson = diesel::sql_types::Jsonb;
 type ThisStore = PgStore;
 
 macro_rules! locked {
@@ -47,63 +50,176 @@ macro_rules! insert_rows {
     };
 }
 
-macro_rules! write_tx {
-    ($conn:expr, |$c:ident| $body:expr) => {{
-        let conn: &mut Conn = &mut *$conn;
-        conn.transaction(async move |$c: &mut Conn| $body).await
-    }};
+/// Declares a statement of fixed text whose parameters are bound in order: the struct holds
+/// the values, its query id is static, so each connection prepares it once (diesel never
+/// caches statements built with `sql_query`, and parsing and planning them each time cost
+/// more than running them). `statement!(Name { field: RustType, … } returns SqlType = "text",
+/// field => SqlType, "text", …)`; `$field` is bound where it appears.
+macro_rules! statement {
+    ($name:ident { $($field:ident : $rust:ty),* $(,)? } returns $sql_type:ty =
+        $first:literal $(, $bind:ident => $st:ty, $more:literal)* $(,)?) => {
+        pub(super) struct $name {
+            $(pub(super) $field: $rust),*
+        }
+
+        impl diesel::query_builder::QueryId for $name {
+            type QueryId = $name;
+            const HAS_STATIC_QUERY_ID: bool = true;
+        }
+
+        impl diesel::query_builder::Query for $name {
+            type SqlType = $sql_type;
+        }
+
+        impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for $name {
+            fn walk_ast<'b>(&'b self, mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>) -> QueryResult<()> {
+                out.push_sql($first);
+                $(
+                    out.push_bind_param::<$st, _>(&self.$bind)?;
+                    out.push_sql($more);
+                )*
+                Ok(())
+            }
+        }
+    };
+}
+
+/// The values of one column of `rows`, as the array a statement binds.
+macro_rules! column {
+    ($rows:expr, $field:ident) => {
+        $rows.iter().map(|r| r.$field.clone()).collect::<Vec<_>>()
+    };
+}
+
+use statements::*;
+
+/// The fixed statements of the hot path.
+mod statements {
+    use super::*;
+    use diesel::sql_types::{Array, BigInt, Bool, Integer, Jsonb, Nullable, Text, Timestamptz};
+
+    statement!(SaveItems {
+        seq: Vec<i64>, status: Vec<String>, blocked: Vec<bool>, attempts: Vec<i32>,
+        next_attempt_at: Vec<Option<OffsetDateTime>>, lease_owner: Vec<Option<String>>,
+        lease_token: Vec<Option<String>>, lease_expires_at: Vec<Option<OffsetDateTime>>,
+        step: Vec<Option<String>>, message: Vec<Option<String>>, progress_current: Vec<Option<i64>>,
+        progress_total: Vec<Option<i64>>, result: Vec<Option<Value>>, error: Vec<Option<String>>,
+        question: Vec<Option<Value>>, answer: Vec<Option<Value>>, cancel_reason: Vec<Option<String>>,
+        started_at: Vec<Option<OffsetDateTime>>, updated_at: Vec<OffsetDateTime>, completed_at: Vec<Option<OffsetDateTime>>,
+    } returns () =
+        "UPDATE items AS i SET status = v.status, blocked = v.blocked, attempts = v.attempts, \
+         next_attempt_at = v.next_attempt_at, lease_owner = v.lease_owner, lease_token = v.lease_token, \
+         lease_expires_at = v.lease_expires_at, step = v.step, message = v.message, \
+         progress_current = v.progress_current, progress_total = v.progress_total, result = v.result, \
+         error = v.error, question = v.question, answer = v.answer, cancel_reason = v.cancel_reason, \
+         started_at = v.started_at, updated_at = v.updated_at, completed_at = v.completed_at \
+         FROM unnest(", seq => Array<BigInt>, "::bigint[], ", status => Array<Text>, "::text[], ",
+        blocked => Array<Bool>, "::bool[], ", attempts => Array<Integer>, "::int[], ",
+        next_attempt_at => Array<Nullable<Timestamptz>>, "::timestamptz[], ", lease_owner => Array<Nullable<Text>>, "::text[], ",
+        lease_token => Array<Nullable<Text>>, "::text[], ", lease_expires_at => Array<Nullable<Timestamptz>>, "::timestamptz[], ",
+        step => Array<Nullable<Text>>, "::text[], ", message => Array<Nullable<Text>>, "::text[], ",
+        progress_current => Array<Nullable<BigInt>>, "::bigint[], ", progress_total => Array<Nullable<BigInt>>, "::bigint[], ",
+        result => Array<Nullable<Jsonb>>, "::jsonb[], ", error => Array<Nullable<Text>>, "::text[], ",
+        question => Array<Nullable<Jsonb>>, "::jsonb[], ", answer => Array<Nullable<Jsonb>>, "::jsonb[], ",
+        cancel_reason => Array<Nullable<Text>>, "::text[], ", started_at => Array<Nullable<Timestamptz>>, "::timestamptz[], ",
+        updated_at => Array<Timestamptz>, "::timestamptz[], ", completed_at => Array<Nullable<Timestamptz>>,
+        "::timestamptz[]) AS v(seq, status, blocked, attempts, next_attempt_at, lease_owner, lease_token, \
+         lease_expires_at, step, message, progress_current, progress_total, result, error, question, answer, \
+         cancel_reason, started_at, updated_at, completed_at) WHERE i.seq = v.seq"
+    );
+
+    statement!(InsertItems {
+        id: Vec<String>, batch_id: Vec<String>, tenant: Vec<String>, queue: Vec<String>, priority: Vec<i32>,
+        item_index: Vec<i32>, custom_id: Vec<Option<String>>, input: Vec<Value>, config: Vec<Value>,
+        status: Vec<&'static str>, blocked: Vec<bool>, attempts: Vec<i32>, max_attempts: Vec<i32>,
+        created_at: Vec<OffsetDateTime>, updated_at: Vec<OffsetDateTime>,
+    } returns () =
+        "INSERT INTO items (id, batch_id, tenant, queue, priority, item_index, custom_id, input, config, status, \
+         blocked, attempts, max_attempts, created_at, updated_at) SELECT * FROM unnest(",
+        id => Array<Text>, "::text[], ", batch_id => Array<Text>, "::text[], ", tenant => Array<Text>, "::text[], ",
+        queue => Array<Text>, "::text[], ", priority => Array<Integer>, "::int[], ", item_index => Array<Integer>, "::int[], ",
+        custom_id => Array<Nullable<Text>>, "::text[], ", input => Array<Jsonb>, "::jsonb[], ", config => Array<Jsonb>, "::jsonb[], ",
+        status => Array<Text>, "::text[], ", blocked => Array<Bool>, "::bool[], ", attempts => Array<Integer>, "::int[], ",
+        max_attempts => Array<Integer>, "::int[], ", created_at => Array<Timestamptz>, "::timestamptz[], ",
+        updated_at => Array<Timestamptz>, "::timestamptz[])"
+    );
+
+    statement!(InsertEventRuns {
+        batch_id: Vec<String>, first_seq: Vec<i64>, last_seq: Vec<i64>, events: Vec<String>,
+    } returns () =
+        "INSERT INTO event_runs (batch_id, first_seq, last_seq, events) SELECT * FROM unnest(",
+        batch_id => Array<Text>, "::text[], ", first_seq => Array<BigInt>, "::bigint[], ",
+        last_seq => Array<BigInt>, "::bigint[], ", events => Array<Text>, "::text[])"
+    );
+
+    statement!(CompleteFresh {
+        id: Vec<String>, batch_id: Vec<String>, item_index: Vec<i32>, started_at: Vec<OffsetDateTime>,
+        result: Vec<Value>, now: OffsetDateTime,
+    } returns CompletedItemSql =
+        "UPDATE items AS i SET status = 'completed', attempts = i.attempts + 1, started_at = v.started_at, \
+         result = v.result, error = NULL, completed_at = v.now, updated_at = v.now FROM (SELECT *, ",
+        now => Timestamptz, "::timestamptz AS now FROM unnest(", id => Array<Text>, "::text[], ",
+        batch_id => Array<Text>, "::text[], ", item_index => Array<Integer>, "::int[], ",
+        started_at => Array<Timestamptz>, "::timestamptz[], ", result => Array<Jsonb>,
+        "::jsonb[]) AS u(id, batch_id, item_index, started_at, result)) AS v \
+         WHERE i.id = ANY(", id => Array<Text>, "::text[]) AND i.id = v.id AND i.batch_id = v.batch_id \
+         AND i.item_index = v.item_index AND i.status = 'pending' AND i.started_at IS NULL \
+         AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = i.batch_id AND b.status IN ('pending', 'running', 'paused')) \
+         RETURNING i.seq, i.id, i.batch_id, i.item_index, i.custom_id, i.step, i.message, i.attempts"
+    );
+
+    statement!(CompleteOwn {
+        id: Vec<String>, token: Vec<String>, result: Vec<Value>, now: OffsetDateTime,
+    } returns CompletedItemSql =
+        "UPDATE items AS i SET status = 'completed', result = v.result, error = NULL, lease_owner = NULL, \
+         lease_token = NULL, lease_expires_at = NULL, next_attempt_at = NULL, completed_at = v.now, updated_at = v.now \
+         FROM (SELECT *, ", now => Timestamptz, "::timestamptz AS now FROM unnest(", id => Array<Text>, "::text[], ",
+        token => Array<Text>, "::text[], ", result => Array<Jsonb>, "::jsonb[]) AS u(id, token, result)) AS v \
+         WHERE i.id = ANY(", id => Array<Text>, "::text[]) AND i.id = v.id AND i.status = 'running' \
+         AND i.lease_token = v.token \
+         AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = i.batch_id AND b.status IN ('pending', 'running', 'paused')) \
+         RETURNING i.seq, i.id, i.batch_id, i.item_index, i.custom_id, i.step, i.message, i.attempts"
+    );
+
+    statement!(Notify { channel: &'static str, payloads: Vec<String> } returns () =
+        "SELECT pg_notify(", channel => Text, ", p) FROM unnest(", payloads => Array<Text>, "::text[]) AS p"
+    );
+
+    statement!(DeleteEntries { item_seq: Vec<i64> } returns BigInt =
+        "DELETE FROM queue_entries WHERE item_seq IN (SELECT item_seq FROM queue_entries WHERE item_seq = ANY(",
+        item_seq => Array<BigInt>, "::bigint[]) FOR UPDATE SKIP LOCKED) RETURNING item_seq"
+    );
 }
 
 /// Writes changed item rows back in one statement: every changing column goes as an array,
 /// and `unnest` turns the arrays back into rows to join on `seq`.
 async fn save_items(c: &mut Conn, rows: Vec<ItemRow>) -> Result<Vec<ItemRow>, StoreError> {
-    use diesel::sql_types::{Array, BigInt, Bool, Integer, Jsonb, Nullable, Text, Timestamptz};
-    const SAVE_ITEMS: &str = "UPDATE items AS i SET status = v.status, blocked = v.blocked, \
-        attempts = v.attempts, next_attempt_at = v.next_attempt_at, lease_owner = v.lease_owner, \
-        lease_token = v.lease_token, lease_expires_at = v.lease_expires_at, step = v.step, \
-        message = v.message, progress_current = v.progress_current, \
-        progress_total = v.progress_total, result = v.result, error = v.error, \
-        question = v.question, answer = v.answer, cancel_reason = v.cancel_reason, \
-        started_at = v.started_at, updated_at = v.updated_at, completed_at = v.completed_at \
-        FROM unnest($1::bigint[], $2::text[], $3::bool[], $4::int[], $5::timestamptz[], \
-        $6::text[], $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::bigint[], \
-        $12::bigint[], $13::jsonb[], $14::text[], $15::jsonb[], $16::jsonb[], $17::text[], \
-        $18::timestamptz[], $19::timestamptz[], $20::timestamptz[]) AS v(seq, status, blocked, \
-        attempts, next_attempt_at, lease_owner, lease_token, lease_expires_at, step, message, \
-        progress_current, progress_total, result, error, question, answer, cancel_reason, \
-        started_at, updated_at, completed_at) \
-        WHERE i.seq = v.seq";
     if rows.is_empty() {
         return Ok(rows);
     }
-    macro_rules! column {
-        ($field:ident) => {
-            rows.iter().map(|r| r.$field.clone()).collect::<Vec<_>>()
-        };
-    }
-    let updated = diesel::sql_query(SAVE_ITEMS)
-        .bind::<Array<BigInt>, _>(column!(seq))
-        .bind::<Array<Text>, _>(column!(status))
-        .bind::<Array<Bool>, _>(column!(blocked))
-        .bind::<Array<Integer>, _>(column!(attempts))
-        .bind::<Array<Nullable<Timestamptz>>, _>(column!(next_attempt_at))
-        .bind::<Array<Nullable<Text>>, _>(column!(lease_owner))
-        .bind::<Array<Nullable<Text>>, _>(column!(lease_token))
-        .bind::<Array<Nullable<Timestamptz>>, _>(column!(lease_expires_at))
-        .bind::<Array<Nullable<Text>>, _>(column!(step))
-        .bind::<Array<Nullable<Text>>, _>(column!(message))
-        .bind::<Array<Nullable<BigInt>>, _>(column!(progress_current))
-        .bind::<Array<Nullable<BigInt>>, _>(column!(progress_total))
-        .bind::<Array<Nullable<Jsonb>>, _>(column!(result))
-        .bind::<Array<Nullable<Text>>, _>(column!(error))
-        .bind::<Array<Nullable<Jsonb>>, _>(column!(question))
-        .bind::<Array<Nullable<Jsonb>>, _>(column!(answer))
-        .bind::<Array<Nullable<Text>>, _>(column!(cancel_reason))
-        .bind::<Array<Nullable<Timestamptz>>, _>(column!(started_at))
-        .bind::<Array<Timestamptz>, _>(column!(updated_at))
-        .bind::<Array<Nullable<Timestamptz>>, _>(column!(completed_at))
-        .execute(c)
-        .await?;
+    let statement = SaveItems {
+        seq: column!(rows, seq),
+        status: column!(rows, status),
+        blocked: column!(rows, blocked),
+        attempts: column!(rows, attempts),
+        next_attempt_at: column!(rows, next_attempt_at),
+        lease_owner: column!(rows, lease_owner),
+        lease_token: column!(rows, lease_token),
+        lease_expires_at: column!(rows, lease_expires_at),
+        step: column!(rows, step),
+        message: column!(rows, message),
+        progress_current: column!(rows, progress_current),
+        progress_total: column!(rows, progress_total),
+        result: column!(rows, result),
+        error: column!(rows, error),
+        question: column!(rows, question),
+        answer: column!(rows, answer),
+        cancel_reason: column!(rows, cancel_reason),
+        started_at: column!(rows, started_at),
+        updated_at: column!(rows, updated_at),
+        completed_at: column!(rows, completed_at),
+    };
+    let updated = statement.execute(c).await?;
     if updated != rows.len() {
         return Err(StoreError::Corrupt(format!(
             "{updated} of {} item rows were written",
@@ -113,98 +229,167 @@ async fn save_items(c: &mut Conn, rows: Vec<ItemRow>) -> Result<Vec<ItemRow>, St
     Ok(rows)
 }
 
-/// Inserts a batch's new items in one statement of fixed text, as arrays turned back into
-/// rows by `unnest` (a multi-row insert of a thousand rows is parsed and planned each time).
+/// Inserts a batch's new items in one statement, as arrays turned back into rows by
+/// `unnest`, in index order (a multi-row insert of a thousand rows is parsed and planned
+/// each time).
 async fn insert_items(c: &mut Conn, rows: Vec<NewItemRow>) -> Result<(), StoreError> {
-    use diesel::sql_types::{Array, Bool, Integer, Jsonb, Nullable, Text, Timestamptz};
-    const INSERT_ITEMS: &str = "INSERT INTO items (id, batch_id, tenant, queue, priority, item_index, \
-        custom_id, input, config, status, blocked, attempts, max_attempts, created_at, updated_at) \
-        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[], \
-        $7::text[], $8::jsonb[], $9::jsonb[], $10::text[], $11::bool[], $12::int[], $13::int[], \
-        $14::timestamptz[], $15::timestamptz[]) ORDER BY 6";
     if rows.is_empty() {
         return Ok(());
     }
-    macro_rules! column {
-        ($field:ident) => {
-            rows.iter().map(|r| r.$field.clone()).collect::<Vec<_>>()
-        };
+    let n = rows.len();
+    let mut s = InsertItems {
+        id: Vec::with_capacity(n),
+        batch_id: Vec::with_capacity(n),
+        tenant: Vec::with_capacity(n),
+        queue: Vec::with_capacity(n),
+        priority: Vec::with_capacity(n),
+        item_index: Vec::with_capacity(n),
+        custom_id: Vec::with_capacity(n),
+        input: Vec::with_capacity(n),
+        config: Vec::with_capacity(n),
+        status: Vec::with_capacity(n),
+        blocked: Vec::with_capacity(n),
+        attempts: Vec::with_capacity(n),
+        max_attempts: Vec::with_capacity(n),
+        created_at: Vec::with_capacity(n),
+        updated_at: Vec::with_capacity(n),
+    };
+    for r in rows {
+        s.id.push(r.id);
+        s.batch_id.push(r.batch_id);
+        s.tenant.push(r.tenant);
+        s.queue.push(r.queue);
+        s.priority.push(r.priority);
+        s.item_index.push(r.item_index);
+        s.custom_id.push(r.custom_id);
+        s.input.push(r.input);
+        s.config.push(r.config);
+        s.status.push(r.status);
+        s.blocked.push(r.blocked);
+        s.attempts.push(r.attempts);
+        s.max_attempts.push(r.max_attempts);
+        s.created_at.push(r.created_at);
+        s.updated_at.push(r.updated_at);
     }
-    let inserted = diesel::sql_query(INSERT_ITEMS)
-        .bind::<Array<Text>, _>(column!(id))
-        .bind::<Array<Text>, _>(column!(batch_id))
-        .bind::<Array<Text>, _>(column!(tenant))
-        .bind::<Array<Text>, _>(column!(queue))
-        .bind::<Array<Integer>, _>(column!(priority))
-        .bind::<Array<Integer>, _>(column!(item_index))
-        .bind::<Array<Nullable<Text>>, _>(column!(custom_id))
-        .bind::<Array<Jsonb>, _>(column!(input))
-        .bind::<Array<Jsonb>, _>(column!(config))
-        .bind::<Array<Text>, _>(column!(status))
-        .bind::<Array<Bool>, _>(column!(blocked))
-        .bind::<Array<Integer>, _>(column!(attempts))
-        .bind::<Array<Integer>, _>(column!(max_attempts))
-        .bind::<Array<Timestamptz>, _>(column!(created_at))
-        .bind::<Array<Timestamptz>, _>(column!(updated_at))
-        .execute(c)
-        .await?;
-    if inserted != rows.len() {
+    let inserted = s.execute(c).await?;
+    if inserted != n {
         return Err(StoreError::Corrupt(format!(
-            "{inserted} of {} item rows were inserted",
-            rows.len()
+            "{inserted} of {n} item rows were inserted"
         )));
     }
     Ok(())
 }
 
-/// Inserts events in one statement of fixed text: each column goes as an array, and
-/// `unnest` turns the arrays back into rows.
-async fn insert_events(c: &mut Conn, rows: Vec<EventRow>) -> Result<(), StoreError> {
-    use diesel::sql_types::{Array, BigInt, Integer, Jsonb, Nullable, Text, Timestamptz};
-    const INSERT_EVENTS: &str = "INSERT INTO events (batch_id, seq, item_id, item_index, event_type, \
-        step, message, data, at) SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], \
-        $4::int[], $5::text[], $6::text[], $7::text[], $8::jsonb[], $9::timestamptz[])";
-    if rows.is_empty() {
+/// Inserts event runs in one statement, each column as an array.
+async fn insert_event_runs(c: &mut Conn, runs: Vec<EventRunRow>) -> Result<(), StoreError> {
+    if runs.is_empty() {
         return Ok(());
     }
-    let n = rows.len();
-    let (mut batch_id, mut seq, mut item_id, mut item_index, mut event_type) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut step, mut message, mut data, mut at) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for r in rows {
-        batch_id.push(r.batch_id);
-        seq.push(r.seq);
-        item_id.push(r.item_id);
-        item_index.push(r.item_index);
-        event_type.push(r.event_type);
-        step.push(r.step);
-        message.push(r.message);
-        data.push(r.data);
-        at.push(r.at);
+    let n = runs.len();
+    let mut s = InsertEventRuns {
+        batch_id: Vec::with_capacity(n),
+        first_seq: Vec::with_capacity(n),
+        last_seq: Vec::with_capacity(n),
+        events: Vec::with_capacity(n),
+    };
+    for r in runs {
+        s.batch_id.push(r.batch_id);
+        s.first_seq.push(r.first_seq);
+        s.last_seq.push(r.last_seq);
+        s.events.push(r.events);
     }
-    diesel::sql_query(INSERT_EVENTS)
-        .bind::<Array<Text>, _>(batch_id)
-        .bind::<Array<BigInt>, _>(seq)
-        .bind::<Array<Nullable<Text>>, _>(item_id)
-        .bind::<Array<Nullable<Integer>>, _>(item_index)
-        .bind::<Array<Text>, _>(event_type)
-        .bind::<Array<Nullable<Text>>, _>(step)
-        .bind::<Array<Nullable<Text>>, _>(message)
-        .bind::<Array<Nullable<Jsonb>>, _>(data)
-        .bind::<Array<Timestamptz>, _>(at)
-        .execute(c)
-        .await?;
+    s.execute(c).await?;
     Ok(())
+}
+
+/// Completes items running under range leases, while their rows still say so.
+async fn complete_fresh(
+    c: &mut Conn,
+    rows: Vec<FreshEnd>,
+    now: OffsetDateTime,
+) -> Result<Vec<CompletedItem>, StoreError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = rows.len();
+    let mut s = CompleteFresh {
+        id: Vec::with_capacity(n),
+        batch_id: Vec::with_capacity(n),
+        item_index: Vec::with_capacity(n),
+        started_at: Vec::with_capacity(n),
+        result: Vec::with_capacity(n),
+        now,
+    };
+    for r in rows {
+        s.id.push(r.id);
+        s.batch_id.push(r.batch_id);
+        s.item_index.push(r.item_index);
+        s.started_at.push(r.started_at);
+        s.result.push(r.result);
+    }
+    Ok(s.load(c).await?)
+}
+
+/// Completes items claimed one by one, while they still run under these tokens.
+async fn complete_own(c: &mut Conn, rows: Vec<OwnEnd>, now: OffsetDateTime) -> Result<Vec<CompletedItem>, StoreError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = rows.len();
+    let mut s = CompleteOwn {
+        id: Vec::with_capacity(n),
+        token: Vec::with_capacity(n),
+        result: Vec::with_capacity(n),
+        now,
+    };
+    for r in rows {
+        s.id.push(r.id);
+        s.token.push(r.token);
+        s.result.push(r.result);
+    }
+    Ok(s.load(c).await?)
+}
+
+/// Deletes the queue entries of these items that no other transaction holds (a claim that
+/// holds one drops it itself); returns the items whose entries went.
+async fn delete_entries(c: &mut Conn, item_seqs: Vec<i64>) -> Result<Vec<i64>, StoreError> {
+    if item_seqs.is_empty() {
+        return Ok(item_seqs);
+    }
+    Ok(DeleteEntries { item_seq: item_seqs }.load(c).await?)
+}
+
+/// The narrow rows of these items, locked in `seq` order, in one statement.
+async fn lock_end_rows_by_id(c: &mut Conn, ids: Vec<String>) -> Result<Vec<EndRow>, StoreError> {
+    Ok(locked!(
+        items::table
+            .filter(items::id.eq_any(ids))
+            .order(items::seq.asc())
+            .select(EndRow::as_select())
+    )
+    .load(c)
+    .await?)
+}
+
+/// These batch rows, locked in id order, in one statement.
+async fn lock_batch_rows(c: &mut Conn, ids: Vec<String>) -> Result<Vec<BatchRow>, StoreError> {
+    Ok(locked!(
+        batches::table
+            .filter(batches::id.eq_any(ids))
+            .order(batches::id.asc())
+            .select(BatchRow::as_select())
+    )
+    .load(c)
+    .await?)
+}
+
+/// The `seq` of a new batch: its place in claim order.
+async fn next_batch_seq(c: &mut Conn) -> Result<i64, StoreError> {
+    Ok(diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+        "nextval('batches_seq_seq')",
+    ))
+    .get_result(c)
+    .await?)
 }
 
 /// A store on PostgreSQL.
@@ -239,7 +424,11 @@ impl Drop for ListenerTask {
 impl PgStore {
     /// Connects, applies migrations when asked, and starts listening for notices.
     pub async fn connect(options: StoreOptions) -> Result<Self, StoreError> {
-        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(options.url.clone());
+        // No test query on each checkout: a closed connection is seen as broken without one,
+        // and the query cost a round trip per transaction.
+        let mut config = ManagerConfig::default();
+        config.recycling_method = RecyclingMethod::Fast;
+        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(options.url.clone(), config);
         let pool = Pool::builder(manager)
             .max_size(options.max_connections.max(2))
             .wait_timeout(Some(Duration::from_secs(30)))
@@ -272,18 +461,27 @@ impl PgStore {
         self.pool.get().await.map_err(|e| StoreError::Connection(e.to_string()))
     }
 
-    async fn write_conn(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
-        self.read_conn().await
+    /// Runs `f` in a transaction on a pooled connection.
+    async fn transaction<R: Send + 'static>(
+        &self,
+        f: impl for<'c> FnOnce(&'c mut Conn) -> futures_util::future::BoxFuture<'c, Result<R, StoreError>> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let mut conn = self.read_conn().await?;
+        let conn: &mut Conn = &mut conn;
+        conn.transaction(async move |c: &mut Conn| f(c).await).await
     }
 
+    /// Sends the transaction's notices with it, all in one statement.
     async fn notify_in_tx(c: &mut Conn, notices: &[Notice]) -> Result<(), StoreError> {
-        for notice in notices {
-            diesel::sql_query("SELECT pg_notify($1, $2)")
-                .bind::<diesel::sql_types::Text, _>(CHANNEL)
-                .bind::<diesel::sql_types::Text, _>(notice.encode())
-                .execute(c)
-                .await?;
+        if notices.is_empty() {
+            return Ok(());
         }
+        Notify {
+            channel: CHANNEL,
+            payloads: notices.iter().map(Notice::encode).collect(),
+        }
+        .execute(c)
+        .await?;
         Ok(())
     }
 

@@ -8,13 +8,14 @@ mod schema;
 use std::path::PathBuf;
 
 use diesel::Connection;
+use diesel::connection::AnsiTransactionManager;
 use diesel::sqlite::SqliteConnection;
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
-use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
+use diesel_async::sync_connection_wrapper::{SpawnBlocking, SyncConnectionWrapper};
 use diesel_async::{AsyncConnection, TransactionManager};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::notify::Notifier;
 use crate::{Clock, StoreOptions};
@@ -22,13 +23,40 @@ use crate::{Clock, StoreOptions};
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/sqlite");
 const BACKEND: &str = "sqlite";
 
-/// Claimable items, in the words of the `items_claimable` index's condition.
-const CLAIMABLE: &str = "items.status = 'pending' AND items.blocked = 0";
+/// Queue entries that may be claimed, in the words of the `queue_entries_claim` index's
+/// condition.
+const UNBLOCKED: &str = "queue_entries.blocked = 0";
 
-type Conn = SyncConnectionWrapper<SqliteConnection>;
+type Conn = SyncConnectionWrapper<SqliteConnection, Inline>;
+
+/// Runs each statement on the thread that asks for it. A write transaction runs whole on a
+/// blocking thread (`SqliteStore::transaction`): one trip there per transaction, not one per
+/// statement, which cost more than most statements themselves. Reads are short and run where
+/// they are asked for.
+#[derive(Debug, Clone, Copy, Default)]
+struct Inline;
+
+impl SpawnBlocking for Inline {
+    fn spawn_blocking<'a, R>(
+        &mut self,
+        task: impl FnOnce() -> R + Send + 'static,
+    ) -> futures_util::future::BoxFuture<'a, Result<R, Box<dyn std::error::Error + Send + Sync + 'static>>>
+    where
+        R: Send + 'static,
+    {
+        let result = task();
+        Box::pin(std::future::ready(Ok(result)))
+    }
+
+    fn get_runtime() -> Self {
+        Inline
+    }
+}
 type Db = diesel::sqlite::Sqlite;
 /// The SQL type of the times in hand-written SQL.
 type SqlTimestamp = diesel::sql_types::TimestamptzSqlite;
+/// The SQL type of JSON columns in hand-written SQL.
+type SqlJson = diesel::sql_types::Json;
 type ThisStore = SqliteStore;
 
 macro_rules! locked {
@@ -49,13 +77,6 @@ macro_rules! insert_rows {
         let rows = $rows;
         $c.spawn_blocking(move |conn| diesel::RunQueryDsl::execute(diesel::insert_into($table).values(rows), conn))
             .await?
-    }};
-}
-
-macro_rules! write_tx {
-    ($conn:expr, |$c:ident| $body:expr) => {{
-        let conn: &mut Conn = &mut *$conn;
-        conn.immediate_transaction(async move |$c: &mut Conn| $body).await
     }};
 }
 
@@ -141,19 +162,18 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for SaveItem<'
     }
 }
 
-/// Inserts a batch's new items in multi-row statements of up to `INSERT_CHUNK` rows.
+/// Inserts a batch's new items, all in one trip, in statements of a few fixed sizes (see
+/// [`FixedInsert`]).
 async fn insert_items(c: &mut Conn, rows: Vec<NewItemRow>) -> Result<(), StoreError> {
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<NewItemRow> = rows.by_ref().take(INSERT_CHUNK).collect();
-        insert_rows!(c, items::table, chunk);
-    }
-    Ok(())
+    insert_fixed(c, rows).await
 }
 
-/// Inserts events, all in one trip to the blocking pool, in statements of a few fixed
-/// sizes (see [`InsertEvents`]) so that each is prepared once per connection.
-async fn insert_events(c: &mut Conn, rows: Vec<EventRow>) -> Result<(), StoreError> {
+/// Inserts event runs the same way.
+async fn insert_event_runs(c: &mut Conn, runs: Vec<EventRunRow>) -> Result<(), StoreError> {
+    insert_fixed(c, runs).await
+}
+
+async fn insert_fixed<R: InsertRow + Send + 'static>(c: &mut Conn, rows: Vec<R>) -> Result<(), StoreError> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -161,9 +181,9 @@ async fn insert_events(c: &mut Conn, rows: Vec<EventRow>) -> Result<(), StoreErr
         let mut rest = rows.as_slice();
         while !rest.is_empty() {
             rest = match rest.len() {
-                64.. => insert_events_of::<64>(conn, rest)?,
-                8.. => insert_events_of::<8>(conn, rest)?,
-                _ => insert_events_of::<1>(conn, rest)?,
+                64.. => insert_first::<R, 64>(conn, rest)?,
+                8.. => insert_first::<R, 8>(conn, rest)?,
+                _ => insert_first::<R, 1>(conn, rest)?,
             };
         }
         Ok(())
@@ -173,60 +193,283 @@ async fn insert_events(c: &mut Conn, rows: Vec<EventRow>) -> Result<(), StoreErr
 }
 
 /// Inserts the first `N` of `rows`; returns the rest.
-fn insert_events_of<'a, const N: usize>(
-    conn: &mut SqliteConnection,
-    rows: &'a [EventRow],
-) -> QueryResult<&'a [EventRow]> {
+fn insert_first<'a, R: InsertRow, const N: usize>(conn: &mut SqliteConnection, rows: &'a [R]) -> QueryResult<&'a [R]> {
     let (head, rest) = rows.split_at(N);
-    diesel::RunQueryDsl::execute(InsertEvents::<N>(head), conn)?;
+    diesel::RunQueryDsl::execute(FixedInsert::<R, N>(head), conn)?;
     Ok(rest)
 }
 
-/// `INSERT INTO events (…) VALUES (…), … ` with exactly `N` rows: a fixed text and a static
-/// query id per `N`, so SQLite prepares it once per connection. Diesel's own multi-row
-/// inserts are prepared again each time.
-struct InsertEvents<'a, const N: usize>(&'a [EventRow]);
+/// A row of a table written through [`FixedInsert`].
+trait InsertRow: 'static {
+    /// `INSERT INTO table (columns) VALUES `.
+    const INTO: &'static str;
+    /// Binds the row's values, separated by commas.
+    fn push_values<'b>(
+        &'b self,
+        out: &mut diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
+    ) -> QueryResult<()>;
+}
 
-impl<Conn, const N: usize> diesel::RunQueryDsl<Conn> for InsertEvents<'_, N> {}
+/// `INSERT INTO … VALUES (…), …` with exactly `N` rows: a fixed text and a static query id
+/// per table and `N`, so SQLite prepares it once per connection. Diesel's own multi-row
+/// inserts are prepared again each time, and preparing a thousand rows' statement cost more
+/// than running it.
+struct FixedInsert<'a, R, const N: usize>(&'a [R]);
 
-impl<const N: usize> diesel::query_builder::QueryId for InsertEvents<'_, N> {
-    type QueryId = InsertEvents<'static, N>;
+impl<Conn, R, const N: usize> diesel::RunQueryDsl<Conn> for FixedInsert<'_, R, N> {}
+
+impl<R: InsertRow, const N: usize> diesel::query_builder::QueryId for FixedInsert<'_, R, N> {
+    type QueryId = FixedInsert<'static, R, N>;
     const HAS_STATIC_QUERY_ID: bool = true;
 }
 
-impl<const N: usize> diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for InsertEvents<'_, N> {
+impl<R: InsertRow, const N: usize> diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite>
+    for FixedInsert<'_, R, N>
+{
     fn walk_ast<'b>(
         &'b self,
         mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
     ) -> QueryResult<()> {
-        use diesel::sql_types::{BigInt, Integer, Json, Nullable, Text, TimestamptzSqlite};
         debug_assert_eq!(self.0.len(), N);
-        out.push_sql(
-            "INSERT INTO events (batch_id, seq, item_id, item_index, event_type, step, message, data, at) VALUES ",
-        );
+        out.push_sql(R::INTO);
         for (i, row) in self.0.iter().enumerate() {
             out.push_sql(if i == 0 { "(" } else { ", (" });
-            out.push_bind_param::<Text, _>(&row.batch_id)?;
-            out.push_sql(", ");
-            out.push_bind_param::<BigInt, _>(&row.seq)?;
-            out.push_sql(", ");
-            out.push_bind_param::<Nullable<Text>, _>(&row.item_id)?;
-            out.push_sql(", ");
-            out.push_bind_param::<Nullable<Integer>, _>(&row.item_index)?;
-            out.push_sql(", ");
-            out.push_bind_param::<Text, _>(&row.event_type)?;
-            out.push_sql(", ");
-            out.push_bind_param::<Nullable<Text>, _>(&row.step)?;
-            out.push_sql(", ");
-            out.push_bind_param::<Nullable<Text>, _>(&row.message)?;
-            out.push_sql(", ");
-            out.push_bind_param::<Nullable<Json>, _>(&row.data)?;
-            out.push_sql(", ");
-            out.push_bind_param::<TimestamptzSqlite, _>(&row.at)?;
+            row.push_values(&mut out)?;
             out.push_sql(")");
         }
         Ok(())
     }
+}
+
+impl InsertRow for EventRunRow {
+    const INTO: &'static str = "INSERT INTO event_runs (batch_id, first_seq, last_seq, events) VALUES ";
+
+    fn push_values<'b>(
+        &'b self,
+        out: &mut diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::{BigInt, Text};
+        out.push_bind_param::<Text, _>(&self.batch_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&self.first_seq)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&self.last_seq)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.events)
+    }
+}
+
+impl InsertRow for NewItemRow {
+    const INTO: &'static str = "INSERT INTO items (id, batch_id, tenant, queue, priority, item_index, custom_id, \
+        input, config, status, blocked, attempts, max_attempts, created_at, updated_at) VALUES ";
+
+    fn push_values<'b>(
+        &'b self,
+        out: &mut diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::{Bool, Integer, Json, Nullable, Text, TimestamptzSqlite};
+        out.push_bind_param::<Text, _>(&self.id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.batch_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.tenant)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.queue)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Integer, _>(&self.priority)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Integer, _>(&self.item_index)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Text>, _>(&self.custom_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Json, _>(&self.input)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Json, _>(&self.config)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.status)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Bool, _>(&self.blocked)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Integer, _>(&self.attempts)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Integer, _>(&self.max_attempts)?;
+        out.push_sql(", ");
+        out.push_bind_param::<TimestamptzSqlite, _>(&self.created_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<TimestamptzSqlite, _>(&self.updated_at)
+    }
+}
+
+/// Completes items running under range leases, while their rows still say so: one cached
+/// statement per item, all in one trip (see [`CompleteFresh`]).
+async fn complete_fresh(
+    c: &mut Conn,
+    rows: Vec<FreshEnd>,
+    now: OffsetDateTime,
+) -> Result<Vec<CompletedItem>, StoreError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(c.spawn_blocking(move |conn| {
+        let mut done = Vec::with_capacity(rows.len());
+        for end in &rows {
+            let row: Option<CompletedItem> =
+                diesel::RunQueryDsl::get_result(CompleteFresh { end, now }, conn).optional()?;
+            done.extend(row);
+        }
+        Ok(done)
+    })
+    .await?)
+}
+
+/// Completes items claimed one by one, while they still run under these tokens, the same
+/// way (see [`CompleteOwn`]).
+async fn complete_own(c: &mut Conn, rows: Vec<OwnEnd>, now: OffsetDateTime) -> Result<Vec<CompletedItem>, StoreError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(c.spawn_blocking(move |conn| {
+        let mut done = Vec::with_capacity(rows.len());
+        for end in &rows {
+            let row: Option<CompletedItem> =
+                diesel::RunQueryDsl::get_result(CompleteOwn { end, now }, conn).optional()?;
+            done.extend(row);
+        }
+        Ok(done)
+    })
+    .await?)
+}
+
+/// Implements a statement of fixed text over one borrowed row: a static query id, so SQLite
+/// prepares it once per connection, and the SQL type of what it returns.
+macro_rules! row_statement {
+    ($name:ident<$row:ty>, $sql_type:ty) => {
+        struct $name<'a> {
+            end: &'a $row,
+            now: OffsetDateTime,
+        }
+
+        impl<Conn> diesel::RunQueryDsl<Conn> for $name<'_> {}
+
+        impl diesel::query_builder::QueryId for $name<'_> {
+            type QueryId = $name<'static>;
+            const HAS_STATIC_QUERY_ID: bool = true;
+        }
+
+        impl diesel::query_builder::Query for $name<'_> {
+            type SqlType = $sql_type;
+        }
+    };
+}
+
+row_statement!(CompleteFresh<FreshEnd>, CompletedItemSql);
+row_statement!(CompleteOwn<OwnEnd>, CompletedItemSql);
+
+/// The batch condition of the completions, without an `IN` list (SQLite builds a temporary
+/// index for one on every run): an item of a batch that is cancelling or failed ends the
+/// general way.
+const BATCH_RUNS_ON: &str = " AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = items.batch_id \
+    AND (b.status = 'pending' OR b.status = 'running' OR b.status = 'paused')) \
+    RETURNING seq, id, batch_id, item_index, custom_id, step, message, attempts";
+
+impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for CompleteFresh<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::{Integer, Json, Text, TimestamptzSqlite};
+        out.push_sql("UPDATE items SET status = 'completed', attempts = attempts + 1, started_at = ");
+        out.push_bind_param::<TimestamptzSqlite, _>(&self.end.started_at)?;
+        out.push_sql(", result = ");
+        out.push_bind_param::<Json, _>(&self.end.result)?;
+        out.push_sql(", error = NULL, completed_at = ");
+        out.push_bind_param::<TimestamptzSqlite, _>(&self.now)?;
+        out.push_sql(", updated_at = ");
+        out.push_bind_param::<TimestamptzSqlite, _>(&self.now)?;
+        out.push_sql(" WHERE id = ");
+        out.push_bind_param::<Text, _>(&self.end.id)?;
+        out.push_sql(" AND batch_id = ");
+        out.push_bind_param::<Text, _>(&self.end.batch_id)?;
+        out.push_sql(" AND item_index = ");
+        out.push_bind_param::<Integer, _>(&self.end.item_index)?;
+        out.push_sql(" AND status = 'pending' AND started_at IS NULL");
+        out.push_sql(BATCH_RUNS_ON);
+        Ok(())
+    }
+}
+
+impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for CompleteOwn<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::{Json, Text, TimestamptzSqlite};
+        out.push_sql("UPDATE items SET status = 'completed', result = ");
+        out.push_bind_param::<Json, _>(&self.end.result)?;
+        out.push_sql(
+            ", error = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, \
+             next_attempt_at = NULL, completed_at = ",
+        );
+        out.push_bind_param::<TimestamptzSqlite, _>(&self.now)?;
+        out.push_sql(", updated_at = ");
+        out.push_bind_param::<TimestamptzSqlite, _>(&self.now)?;
+        out.push_sql(" WHERE id = ");
+        out.push_bind_param::<Text, _>(&self.end.id)?;
+        out.push_sql(" AND status = 'running' AND lease_token = ");
+        out.push_bind_param::<Text, _>(&self.end.token)?;
+        out.push_sql(BATCH_RUNS_ON);
+        Ok(())
+    }
+}
+
+/// Deletes the queue entries of these items; returns the items whose entries went. (Write
+/// transactions are serialized here: no other one can hold an entry.)
+async fn delete_entries(c: &mut Conn, item_seqs: Vec<i64>) -> Result<Vec<i64>, StoreError> {
+    let mut deleted = Vec::with_capacity(item_seqs.len());
+    for chunk in item_seqs.chunks(INSERT_CHUNK) {
+        deleted.extend(
+            diesel::delete(queue_entries::table.filter(queue_entries::item_seq.eq_any(chunk)))
+                .returning(queue_entries::item_seq)
+                .get_results::<i64>(c)
+                .await?,
+        );
+    }
+    Ok(deleted)
+}
+
+/// The narrow rows of these items, one cached statement per row, all in one trip (an `IN`
+/// list of a hundred ids would be prepared again each time). Write transactions are
+/// serialized here, so nothing needs locking.
+async fn lock_end_rows_by_id(c: &mut Conn, ids: Vec<String>) -> Result<Vec<EndRow>, StoreError> {
+    Ok(c.spawn_blocking(move |conn| {
+        let mut rows = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let row = items::table.filter(items::id.eq(id)).select(EndRow::as_select());
+            rows.extend(diesel::RunQueryDsl::first(row, conn).optional()?);
+        }
+        Ok(rows)
+    })
+    .await?)
+}
+
+/// These batch rows, the same way.
+async fn lock_batch_rows(c: &mut Conn, ids: Vec<String>) -> Result<Vec<BatchRow>, StoreError> {
+    Ok(c.spawn_blocking(move |conn| {
+        let mut rows = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let row = batches::table.find(id).select(BatchRow::as_select());
+            rows.extend(diesel::RunQueryDsl::first(row, conn).optional()?);
+        }
+        Ok(rows)
+    })
+    .await?)
+}
+
+/// The `seq` of a new batch: its place in claim order. Write transactions are serialized,
+/// so the next number after the largest is free.
+async fn next_batch_seq(c: &mut Conn) -> Result<i64, StoreError> {
+    let max: Option<i64> = batches::table.select(diesel::dsl::max(batches::seq)).first(c).await?;
+    Ok(max.unwrap_or(0) + 1)
 }
 
 #[derive(Clone)]
@@ -291,6 +534,8 @@ impl SqliteStore {
                 .map_err(|e| StoreError::Connection(e.to_string()))??
         };
         let mut config = ManagerConfig::default();
+        // No test query on each checkout (see `PgStore::connect`).
+        config.recycling_method = RecyclingMethod::Fast;
         config.custom_setup = Box::new(|url| {
             let url = url.to_owned();
             Box::pin(async move {
@@ -331,10 +576,40 @@ impl SqliteStore {
             .map_err(|e| StoreError::Connection(e.to_string()))
     }
 
-    /// The one writer. A write whose future was dropped mid-transaction leaves it open;
-    /// roll that back before the next one begins.
-    async fn write_conn(&self) -> Result<MutexGuard<'_, Conn>, StoreError> {
-        let mut conn = self.writer.lock().await;
+    /// Runs `f` in a write transaction (`BEGIN IMMEDIATE`) on the one writer, whole on a
+    /// blocking thread: its statements run inline there (see [`Inline`]). Once begun, it
+    /// runs to its end even if the caller stops waiting.
+    async fn transaction<R: Send + 'static>(
+        &self,
+        f: impl for<'c> FnOnce(&'c mut Conn) -> futures_util::future::BoxFuture<'c, Result<R, StoreError>> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let mut conn = self.write_conn().await?;
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let conn: &mut Conn = &mut conn;
+            runtime.block_on(async move {
+                conn.spawn_blocking(|c| AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE"))
+                    .await?;
+                match f(&mut *conn).await {
+                    Ok(value) => {
+                        <Conn as AsyncConnection>::TransactionManager::commit_transaction(conn).await?;
+                        Ok(value)
+                    }
+                    Err(e) => {
+                        <Conn as AsyncConnection>::TransactionManager::rollback_transaction(conn).await?;
+                        Err(e)
+                    }
+                }
+            })
+        })
+        .await
+        .map_err(|e| StoreError::Connection(format!("the write transaction stopped: {e}")))?
+    }
+
+    /// The one writer. A transaction left open (by a write that failed to roll back) is
+    /// rolled back before the next one begins.
+    async fn write_conn(&self) -> Result<OwnedMutexGuard<Conn>, StoreError> {
+        let mut conn = self.writer.clone().lock_owned().await;
         let open = <Conn as AsyncConnection>::TransactionManager::transaction_manager_status_mut(&mut *conn)
             .transaction_depth()
             .map_err(StoreError::Database)?

@@ -33,20 +33,18 @@ diesel::table! {
         started_at -> Nullable<Timestamptz>,
         updated_at -> Timestamptz,
         completed_at -> Nullable<Timestamptz>,
+        seq -> Int8,
+        next_index -> Int4,
+        unclaimed -> Int8,
     }
 }
 
 diesel::table! {
-    events (batch_id, seq) {
+    event_runs (batch_id, last_seq) {
         batch_id -> Text,
-        seq -> Int8,
-        item_id -> Nullable<Text>,
-        item_index -> Nullable<Int4>,
-        event_type -> Text,
-        step -> Nullable<Text>,
-        message -> Nullable<Text>,
-        data -> Nullable<Jsonb>,
-        at -> Timestamptz,
+        first_seq -> Int8,
+        last_seq -> Int8,
+        events -> Text,
     }
 }
 
@@ -83,6 +81,44 @@ diesel::table! {
         started_at -> Nullable<Timestamptz>,
         updated_at -> Timestamptz,
         completed_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    leases (id) {
+        id -> Int8,
+        batch_id -> Text,
+        queue -> Text,
+        first_index -> Int4,
+        last_index -> Int4,
+        item_seq -> Nullable<Int8>,
+        owner -> Text,
+        secret -> Text,
+        running -> Int4,
+        started_at -> Timestamptz,
+        expires_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    queue_entries (item_seq) {
+        item_seq -> Int8,
+        batch_id -> Text,
+        queue -> Text,
+        priority -> Int4,
+        batch_seq -> Int8,
+        item_index -> Int4,
+        blocked -> Bool,
+        not_before -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    queue_position_buckets (queue, priority, bucket) {
+        queue -> Text,
+        priority -> Int4,
+        bucket -> Int8,
+        pending -> Int8,
     }
 }
 
@@ -125,15 +161,16 @@ diesel::table! {
     }
 }
 
-diesel::joinable!(events -> batches (batch_id));
-diesel::joinable!(items -> batches (batch_id));
 diesel::joinable!(webhook_attempts -> webhook_deliveries (delivery_id));
 diesel::joinable!(webhook_deliveries -> batches (batch_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     batches,
-    events,
+    event_runs,
     items,
+    leases,
+    queue_entries,
+    queue_position_buckets,
     queue_states,
     webhook_attempts,
     webhook_deliveries,

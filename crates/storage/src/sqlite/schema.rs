@@ -33,20 +33,18 @@ diesel::table! {
         started_at -> Nullable<TimestamptzSqlite>,
         updated_at -> TimestamptzSqlite,
         completed_at -> Nullable<TimestamptzSqlite>,
+        seq -> BigInt,
+        next_index -> Integer,
+        unclaimed -> BigInt,
     }
 }
 
 diesel::table! {
-    events (batch_id, seq) {
+    event_runs (batch_id, last_seq) {
         batch_id -> Text,
-        seq -> BigInt,
-        item_id -> Nullable<Text>,
-        item_index -> Nullable<Integer>,
-        event_type -> Text,
-        step -> Nullable<Text>,
-        message -> Nullable<Text>,
-        data -> Nullable<Json>,
-        at -> TimestamptzSqlite,
+        first_seq -> BigInt,
+        last_seq -> BigInt,
+        events -> Text,
     }
 }
 
@@ -83,6 +81,44 @@ diesel::table! {
         started_at -> Nullable<TimestamptzSqlite>,
         updated_at -> TimestamptzSqlite,
         completed_at -> Nullable<TimestamptzSqlite>,
+    }
+}
+
+diesel::table! {
+    leases (id) {
+        id -> BigInt,
+        batch_id -> Text,
+        queue -> Text,
+        first_index -> Integer,
+        last_index -> Integer,
+        item_seq -> Nullable<BigInt>,
+        owner -> Text,
+        secret -> Text,
+        running -> Integer,
+        started_at -> TimestamptzSqlite,
+        expires_at -> TimestamptzSqlite,
+    }
+}
+
+diesel::table! {
+    queue_entries (item_seq) {
+        item_seq -> BigInt,
+        batch_id -> Text,
+        queue -> Text,
+        priority -> Integer,
+        batch_seq -> BigInt,
+        item_index -> Integer,
+        blocked -> Bool,
+        not_before -> Nullable<TimestamptzSqlite>,
+    }
+}
+
+diesel::table! {
+    queue_position_buckets (queue, priority, bucket) {
+        queue -> Text,
+        priority -> Integer,
+        bucket -> BigInt,
+        pending -> BigInt,
     }
 }
 
@@ -125,15 +161,20 @@ diesel::table! {
     }
 }
 
-diesel::joinable!(events -> batches (batch_id));
+diesel::joinable!(event_runs -> batches (batch_id));
 diesel::joinable!(items -> batches (batch_id));
+diesel::joinable!(leases -> batches (batch_id));
+diesel::joinable!(queue_entries -> batches (batch_id));
 diesel::joinable!(webhook_attempts -> webhook_deliveries (delivery_id));
 diesel::joinable!(webhook_deliveries -> batches (batch_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     batches,
-    events,
+    event_runs,
     items,
+    leases,
+    queue_entries,
+    queue_position_buckets,
     queue_states,
     webhook_attempts,
     webhook_deliveries,

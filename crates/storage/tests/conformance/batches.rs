@@ -1,7 +1,8 @@
 //! Creating, reading and listing batches: idempotency, tenancy, filters, cursors, positions.
 
-use batchd_domain::{BatchStatus, ItemStatus};
-use batchd_storage::{BatchFilter, CreateOutcome, NewBatch, PageRequest, Scope, StoreError};
+use batchd_domain::{BatchStatus, EventType, ItemStatus};
+use batchd_storage::{BatchFilter, CreateOutcome, Finish, NewBatch, Outcome, PageRequest, Scope, StoreError};
+use serde_json::json;
 use time::Duration;
 
 use crate::support::{Fixture, batch, conformance, sequential};
@@ -14,6 +15,7 @@ conformance!(
     list_filters_and_cursors,
     positions_follow_claim_order,
     events_page_after_a_sequence_number,
+    events_page_across_the_runs_they_are_stored_in,
 );
 
 async fn create_writes_batch_items_and_first_event(f: Fixture) {
@@ -376,4 +378,58 @@ async fn events_page_after_a_sequence_number(f: Fixture) {
         Some("batch.completed".to_owned())
     );
     assert_eq!(f.batch(&b.id).await.last_event_seq, all.len() as i64);
+}
+
+/// A claim of many items writes their events in a few runs: pages cut them anywhere.
+async fn events_page_across_the_runs_they_are_stored_in(f: Fixture) {
+    let (b, _) = f.submit(batch("default", 150)).await;
+    let claimed = f.claim("default", 150).await;
+    assert_eq!(claimed.len(), 150);
+    let finishes = claimed
+        .iter()
+        .map(|item| Finish {
+            item_id: item.id.clone(),
+            lease_token: item.lease_token.clone(),
+            outcome: Outcome::Completed {
+                result: json!({"index": item.index}),
+            },
+        })
+        .collect();
+    f.store.finish(finishes).await.expect("finish");
+    let all = f.store.read_events(Scope::All, &b.id, 0, 1_000).await.expect("events");
+    // created, started, 150 items started and completed, completed.
+    assert_eq!(all.len(), 303);
+    assert_eq!(
+        all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=303).collect::<Vec<i64>>()
+    );
+    let started: Vec<i32> = all
+        .iter()
+        .filter(|e| e.event_type == EventType::ItemStarted)
+        .filter_map(|e| e.item_index)
+        .collect();
+    assert_eq!(started, (0..150).collect::<Vec<i32>>(), "item.started in claim order");
+    assert!(
+        all.iter()
+            .filter(|e| e.event_type == EventType::ItemCompleted)
+            .all(|e| e.data == Some(json!({"attempt": 1})))
+    );
+    for (after, limit) in [(0, 1), (1, 7), (13, 50), (150, 100), (290, 100), (302, 5), (303, 5)] {
+        let page = f
+            .store
+            .read_events(Scope::All, &b.id, after, limit)
+            .await
+            .expect("page");
+        let want: Vec<i64> = all.iter().map(|e| e.seq).filter(|s| *s > after).take(limit).collect();
+        assert_eq!(
+            page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            want,
+            "after {after}, limit {limit}"
+        );
+        assert_eq!(
+            page.first(),
+            all.iter().find(|e| e.seq == after + 1),
+            "after {after}: whole events"
+        );
+    }
 }

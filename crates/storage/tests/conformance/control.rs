@@ -236,7 +236,7 @@ async fn purge_removes_old_finished_batches(f: Fixture) {
     let (old, _) = f.submit(batch("default", 3)).await;
     f.store.cancel_batch(Scope::All, &old.id).await.expect("cancel");
     assert_eq!(f.db.count_batch_rows("items", &old.id).await, 3);
-    assert!(f.db.count_batch_rows("events", &old.id).await > 0);
+    assert!(f.db.count_batch_rows("event_runs", &old.id).await > 0);
     let (active, _) = f.submit(batch("default", 1)).await;
     f.clock.advance(Duration::from_secs(3600));
     let cutoff = f.clock.now() - Duration::from_secs(60);
@@ -245,7 +245,7 @@ async fn purge_removes_old_finished_batches(f: Fixture) {
         f.store.get_batch(Scope::All, &old.id).await,
         Err(StoreError::NotFound)
     ));
-    for table in ["items", "events", "webhook_deliveries"] {
+    for table in ["items", "event_runs", "queue_entries", "leases", "webhook_deliveries"] {
         assert_eq!(
             f.db.count_batch_rows(table, &old.id).await,
             0,

@@ -158,7 +158,7 @@ async fn install_slow_trigger(url: &str, postgres: bool) {
         .await;
         pg_exec(
             url,
-            "CREATE TRIGGER crash_test_slow BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION crash_test_slow()",
+            "CREATE TRIGGER crash_test_slow BEFORE INSERT ON event_runs FOR EACH ROW EXECUTE FUNCTION crash_test_slow()",
         )
         .await;
     } else {
@@ -170,14 +170,14 @@ async fn install_slow_trigger(url: &str, postgres: bool) {
         );
         sqlite_exec(
             url,
-            "CREATE TRIGGER crash_test_slow BEFORE INSERT ON events BEGIN SELECT count(*) FROM crash_test_rows a, crash_test_rows b, crash_test_rows c; END",
+            "CREATE TRIGGER crash_test_slow BEFORE INSERT ON event_runs BEGIN SELECT count(*) FROM crash_test_rows a, crash_test_rows b, crash_test_rows c; END",
         );
     }
 }
 
 async fn remove_slow_trigger(url: &str, postgres: bool) {
     if postgres {
-        pg_exec(url, "DROP TRIGGER crash_test_slow ON events").await;
+        pg_exec(url, "DROP TRIGGER crash_test_slow ON event_runs").await;
         pg_exec(url, "DROP FUNCTION crash_test_slow()").await;
     } else {
         sqlite_exec(url, "DROP TRIGGER crash_test_slow");
