@@ -10,4 +10,5 @@ mod concurrency;
 mod control;
 mod crash;
 mod positions;
+mod upgrade;
 mod webhooks;
