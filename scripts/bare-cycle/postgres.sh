@@ -1,6 +1,7 @@
 #!/bin/bash
 # The claim-and-finish cycle of batchd as bare SQL on batchd's schema, timed by pgbench:
-# each pgbench transaction claims 100 items and completes them (two commits).
+# each pgbench transaction claims 100 items and completes them (two commits), with the
+# statements batchd runs since range claims and event runs (migrations 000004, 000005).
 # Usage: scripts/bare-cycle/postgres.sh [CLIENTS]   (needs psql and pgbench; uses
 # postgres://postgres@127.0.0.1:5432, creates and drops the database batchd_bare_cycle)
 set -euo pipefail
