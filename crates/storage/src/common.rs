@@ -694,6 +694,8 @@ struct Touched {
     before: BatchRow,
     /// The batch's pending items as the position counts know them.
     pending_counted: i64,
+    /// The row of the position counts its changes go to (`POSITION_SHARDS`).
+    counts_shard: i32,
     events: Vec<EventRow>,
     deliveries: Vec<NewDeliveryRow>,
     /// A sequential batch whose head may have ended: unblock its next item.
@@ -714,6 +716,7 @@ impl Touched {
     fn new(row: BatchRow) -> Self {
         Self {
             pending_counted: row.pending,
+            counts_shard: 0,
             before: row.clone(),
             row,
             events: Vec::new(),
@@ -730,7 +733,8 @@ impl Touched {
 
     /// A batch created in this transaction: none of its items is counted yet.
     fn created(row: BatchRow) -> Self {
-        Self { pending_counted: 0, ..Self::new(row) }
+        let counts_shard = 1 + row.seq.rem_euclid(POSITION_SHARDS - 1) as i32;
+        Self { pending_counted: 0, counts_shard, ..Self::new(row) }
     }
 
     fn status(&self) -> Result<BatchStatus, StoreError> {
@@ -1050,14 +1054,14 @@ mod fixed {
         "DELETE FROM leases WHERE running <= 0 AND expires_at < ", now => SqlTimestamp, ""
     );
 
-    fixed_statement!(AddToBucket { queue: &'a str, priority: i32, bucket: i64, delta: i64 } returns () =
+    fixed_statement!(AddToBucket { queue: &'a str, priority: i32, bucket: i64, shard: i32, delta: i64 } returns () =
         "UPDATE queue_position_buckets SET pending = pending + ", delta => BigInt, " WHERE queue = ", queue => Text,
-        " AND priority = ", priority => Integer, " AND bucket = ", bucket => BigInt, ""
+        " AND priority = ", priority => Integer, " AND bucket = ", bucket => BigInt, " AND shard = ", shard => Integer, ""
     );
 
-    fixed_statement!(NewBucket { queue: &'a str, priority: i32, bucket: i64, pending: i64 } returns () =
-        "INSERT INTO queue_position_buckets (queue, priority, bucket, pending) VALUES (", queue => Text, ", ",
-        priority => Integer, ", ", bucket => BigInt, ", ", pending => BigInt, ")"
+    fixed_statement!(NewBucket { queue: &'a str, priority: i32, bucket: i64, shard: i32, pending: i64 } returns () =
+        "INSERT INTO queue_position_buckets (queue, priority, bucket, shard, pending) VALUES (", queue => Text, ", ",
+        priority => Integer, ", ", bucket => BigInt, ", ", shard => Integer, ", ", pending => BigInt, ")"
     );
 
     fixed_statement!(InsertRangeLease {
@@ -1131,22 +1135,24 @@ async fn save_item(c: &mut Conn, row: &ItemRow) -> Result<(), StoreError> {
 }
 
 /// Where the position counts keep a batch's pending items: its queue, priority and bucket.
-fn bucket_of(row: &BatchRow) -> (String, i32, i64) {
-    (row.queue.clone(), row.priority, row.seq.div_euclid(POSITION_BUCKET))
+fn bucket_of(t: &Touched) -> (String, i32, i64, i32) {
+    (t.row.queue.clone(), t.row.priority, t.row.seq.div_euclid(POSITION_BUCKET), t.counts_shard)
 }
 
-/// Adds `deltas` to the position counts. A bucket is written once it has items and stays
-/// (at zero, when they are gone): one statement per bucket a transaction touches.
-async fn count_pending(c: &mut Conn, deltas: BTreeMap<(String, i32, i64), i64>) -> Result<(), StoreError> {
-    for ((queue, priority, bucket), delta) in deltas.into_iter().filter(|(_, d)| *d != 0) {
-        let added = AddToBucket { queue: &queue, priority, bucket, delta, _row: std::marker::PhantomData }
+/// Adds `deltas` to the position counts. A bucket's row of a shard is written once it is
+/// changed and stays: one statement per bucket and shard a transaction touches. A shard's
+/// count may be negative (claims take from shard 0 what submits added to the others); the
+/// sum over a bucket's shards is its pending items.
+async fn count_pending<C>(c: &mut C, deltas: BTreeMap<(String, i32, i64, i32), i64>) -> Result<(), StoreError>
+where
+    C: diesel_async::AsyncConnectionCore<Backend = Db> + Send,
+{
+    for ((queue, priority, bucket, shard), delta) in deltas.into_iter().filter(|(_, d)| *d != 0) {
+        let added = AddToBucket { queue: &queue, priority, bucket, shard, delta, _row: std::marker::PhantomData }
             .execute(c)
             .await?;
         if added == 0 {
-            if delta < 0 {
-                return Err(StoreError::Corrupt(format!("queue {queue}: {delta} items from an uncounted bucket")));
-            }
-            NewBucket { queue: &queue, priority, bucket, pending: delta, _row: std::marker::PhantomData }
+            NewBucket { queue: &queue, priority, bucket, shard, pending: delta, _row: std::marker::PhantomData }
                 .execute(c)
                 .await?;
         }
@@ -1155,8 +1161,9 @@ async fn count_pending(c: &mut Conn, deltas: BTreeMap<(String, i32, i64), i64>) 
 }
 
 /// Writes what the touched batches changed beside their rows: queue entries (removed ones
-/// first), leases (ended ones first), then each batch's row and position count, then every
-/// new event and webhook delivery in bulk. Returns the notices the changes call for.
+/// first), the next items of sequential batches, then together (`pipelined!`) the leases
+/// (ended ones first), each batch's row, the position counts, and every new event and
+/// webhook delivery in bulk. Returns the notices the changes call for.
 async fn save_batches(
     c: &mut Conn,
     touched: &mut BTreeMap<String, Touched>,
@@ -1195,33 +1202,21 @@ async fn save_touched(
     if !entries_add.is_empty() {
         insert_chunked!(c, queue_entries::table, entries_add);
     }
-    for chunk in leases_end.chunks(INSERT_CHUNK) {
-        diesel::delete(leases::table.filter(leases::item_seq.eq_any(chunk))).execute(c).await?;
-    }
-    // A range lease whose items have all ended stays until it expires: the rescuer drops
-    // it then, in bulk, instead of every transaction deleting its own.
-    for (id, ended) in ranges_end {
-        EndInRange { id, ended, _row: std::marker::PhantomData }.execute(c).await?;
-    }
-    if !leases_add.is_empty() {
-        insert_chunked!(c, leases::table, leases_add);
-    }
-
-    let (mut events, mut deliveries) = (Vec::new(), Vec::new());
-    let mut counted: BTreeMap<(String, i32, i64), i64> = BTreeMap::new();
+    let (mut events, mut deliveries, mut updates) = (Vec::new(), Vec::new(), Vec::new());
+    let mut counted: BTreeMap<(String, i32, i64, i32), i64> = BTreeMap::new();
     for t in touched.iter_mut() {
         if t.advance && t.row.mode == Mode::Sequential.as_str() && t.row.running == 0 && t.row.needs_input == 0 {
             notices.extend(unblock_next(c, &t.row, now).await?);
         }
         if t.row.pending != t.pending_counted {
-            *counted.entry(bucket_of(&t.row)).or_default() += t.row.pending - t.pending_counted;
+            *counted.entry(bucket_of(t)).or_default() += t.row.pending - t.pending_counted;
             t.pending_counted = t.row.pending;
         }
         if !t.changed() {
             continue;
         }
         t.row.updated_at = now;
-        t.row.update().execute(c).await?;
+        updates.push(t.row.clone());
         events.append(&mut t.events);
         if !t.deliveries.is_empty() {
             notices.push(Notice::Webhooks);
@@ -1237,9 +1232,32 @@ async fn save_touched(
         }
         t.before = t.row.clone();
     }
-    count_pending(c, counted).await?;
-    insert_event_runs(c, event_runs_of(events)?).await?;
-    insert_chunked!(c, webhook_deliveries::table, deliveries);
+    let runs = event_runs_of(events)?;
+    // Each of these writes rows no other of them reads or writes, and every batch row is
+    // already locked: on PostgreSQL they go out together instead of one round trip each.
+    pipelined!(c =>
+        {
+            for chunk in leases_end.chunks(INSERT_CHUNK) {
+                diesel::delete(leases::table.filter(leases::item_seq.eq_any(chunk))).execute(c).await?;
+            }
+            // A range lease whose items have all ended stays until it expires: the rescuer
+            // drops it then, in bulk, instead of every transaction deleting its own.
+            for (id, ended) in ranges_end {
+                EndInRange { id, ended, _row: std::marker::PhantomData }.execute(c).await?;
+            }
+            if !leases_add.is_empty() {
+                insert_chunked!(c, leases::table, leases_add);
+            }
+        }
+        {
+            for row in &updates {
+                row.update().execute(c).await?;
+            }
+        }
+        { count_pending(c, counted).await?; }
+        { insert_event_runs(c, runs).await?; }
+        { insert_chunked!(c, webhook_deliveries::table, deliveries); }
+    );
     notices.sort_by_key(Notice::encode);
     notices.dedup();
     Ok(notices)
@@ -1497,7 +1515,10 @@ fn claimable(status: BatchStatus) -> bool {
     matches!(status, BatchStatus::Pending | BatchStatus::Running)
 }
 
-async fn queue_paused(c: &mut Conn, queue: &str) -> Result<bool, StoreError> {
+async fn queue_paused<C>(c: &mut C, queue: &str) -> Result<bool, StoreError>
+where
+    C: diesel_async::AsyncConnectionCore<Backend = Db> + Send,
+{
     Ok(queue_states::table
         .find(queue)
         .select(queue_states::paused)
@@ -1594,12 +1615,15 @@ async fn complete_fast(
 
 /// Up to `max_items` queue entries of the request's queue that may be claimed now, in claim
 /// order, locked (skipping entries other transactions hold), leaving out those in `taken`.
-async fn entry_candidates(
-    c: &mut Conn,
+async fn entry_candidates<C>(
+    c: &mut C,
     request: &ClaimRequest,
     taken: &HashSet<i64>,
     now: OffsetDateTime,
-) -> Result<Vec<EntryRow>, StoreError> {
+) -> Result<Vec<EntryRow>, StoreError>
+where
+    C: diesel_async::AsyncConnectionCore<Backend = Db> + Send,
+{
     // The `blocked` condition is written out, not bound: only then can SQLite tell that the
     // partial index `queue_entries_claim` holds every row asked for, and read it in order.
     let rows: Vec<EntryRow> = skip_locked!(
@@ -1629,11 +1653,14 @@ async fn entry_candidates(
 /// Up to `max_items` batches of the request's queue with items waiting at their cursor, in
 /// claim order: (id, seq, priority). Not locked: the claim locks them with every other batch
 /// it touches, in id order, and looks again.
-async fn range_candidates(
-    c: &mut Conn,
+async fn range_candidates<C>(
+    c: &mut C,
     request: &ClaimRequest,
     now: OffsetDateTime,
-) -> Result<Vec<(String, i64, i32)>, StoreError> {
+) -> Result<Vec<(String, i64, i32)>, StoreError>
+where
+    C: diesel_async::AsyncConnectionCore<Backend = Db> + Send,
+{
     // Written out for SQLite's partial index `batches_claimable`, as above.
     Ok(batches::table
         .filter(batches::queue.eq(&request.queue))
@@ -2000,6 +2027,13 @@ async fn claim_range(
 /// (`queue_position_buckets`, from each batch's `pending` counter as `save_batches` writes
 /// it); migrations/*/2026-12-04-000004_range_claims divides by the same number.
 const POSITION_BUCKET: i64 = 1_024;
+
+/// Each bucket's count is kept in this many rows (`shard`): shard 0 takes the changes of
+/// claims and results, which one writer per instance makes; a submit adds its batch to one
+/// of the others, by the batch's `seq`. A submit and a claim of the same bucket, or two
+/// submits of neighbouring batches, then update different rows: neither waits for the
+/// other's commit (migration 2026-12-04-000006_bucket_shards).
+const POSITION_SHARDS: i64 = 4;
 
 /// The number of ready items of `queue` that will be claimed before any item of the batch
 /// of `priority` and `seq` (claim order: priority DESC, then batch seq, then index), in one
@@ -2895,22 +2929,24 @@ impl crate::Store for ThisStore {
                     finishes.iter().enumerate().filter(|(pos, _)| !fast.contains_key(pos)).map(|(_, f)| f.item_id.as_str()),
                 )
                 .await?;
-                let mut paused = HashMap::new();
-                for request in &claims {
-                    if !paused.contains_key(&request.queue) {
-                        paused.insert(request.queue.clone(), queue_paused(c, &request.queue).await?);
-                    }
-                }
-                let open: Vec<&ClaimRequest> =
-                    claims.iter().filter(|r| r.max_items > 0 && !paused[&r.queue]).collect();
+                // Per claim: whether its queue is paused and both kinds of candidates, read
+                // together (pipelined on PostgreSQL); a paused queue's are dropped.
                 let mut entries: Vec<Vec<EntryRow>> = Vec::with_capacity(claims.len());
+                let mut cursors = Vec::with_capacity(claims.len());
                 for request in &claims {
-                    if !open.iter().any(|r| std::ptr::eq(*r, request)) {
+                    if request.max_items == 0 {
                         entries.push(Vec::new());
+                        cursors.push(Vec::new());
                         continue;
                     }
                     let taken: HashSet<i64> = entries.iter().flatten().map(|e| e.item_seq).collect();
-                    entries.push(entry_candidates(c, request, &taken, now).await?);
+                    let (paused, found, at_cursors) = joined!(c =>
+                        queue_paused(c, &request.queue).await?,
+                        entry_candidates(c, request, &taken, now).await?,
+                        range_candidates(c, request, now).await?,
+                    );
+                    entries.push(if paused { Vec::new() } else { found });
+                    cursors.push(if paused { Vec::new() } else { at_cursors });
                 }
                 let entry_seqs: Vec<i64> = entries.iter().flatten().map(|e| e.item_seq).collect();
                 let mut entry_rows: HashMap<i64, ItemRow> = HashMap::with_capacity(entry_seqs.len());
@@ -2924,11 +2960,6 @@ impl crate::Store for ThisStore {
                     .load(c)
                     .await?;
                     entry_rows.extend(found.into_iter().map(|r| (r.seq, r)));
-                }
-                let mut cursors = Vec::with_capacity(claims.len());
-                for request in &claims {
-                    let wanted = open.iter().any(|r| std::ptr::eq(*r, request));
-                    cursors.push(if wanted { range_candidates(c, request, now).await? } else { Vec::new() });
                 }
                 let mut touched = lock_batches(
                     c,

@@ -44,6 +44,37 @@ macro_rules! skip_locked {
     };
 }
 
+/// Runs each block as its own future on the same connection, polled together, so their
+/// statements are pipelined: sent without waiting for the ones before them to answer.
+/// PostgreSQL still runs them one after another, in the order they arrive, which is not
+/// always the blocks' order (a statement not yet prepared here waits for its prepare): the
+/// blocks must not touch the same rows. Inside each block, `$c` is a connection of its own
+/// (`&mut &AsyncPgConnection`).
+macro_rules! pipelined {
+    ($c:ident => $($block:block)+) => {{
+        let shared: &Conn = &*$c;
+        tokio::try_join!(biased; $(async {
+            let mut own = shared;
+            let $c = &mut own;
+            $block
+            Ok::<(), StoreError>(())
+        }),+)?;
+    }};
+}
+
+/// Evaluates each expression as its own future on the same connection, polled together (as
+/// `pipelined!`), into a tuple of their values.
+macro_rules! joined {
+    ($c:ident => $($e:expr),+ $(,)?) => {{
+        let shared: &Conn = &*$c;
+        tokio::try_join!(biased; $(async {
+            let mut own = shared;
+            let $c = &mut own;
+            Ok::<_, StoreError>($e)
+        }),+)?
+    }};
+}
+
 macro_rules! insert_rows {
     ($c:expr, $table:expr, $rows:expr) => {
         diesel::insert_into($table).values($rows).execute($c).await?
@@ -281,7 +312,7 @@ async fn insert_items(c: &mut Conn, rows: Vec<NewItemRow>) -> Result<(), StoreEr
 }
 
 /// Inserts event runs in one statement, each column as an array.
-async fn insert_event_runs(c: &mut Conn, runs: Vec<EventRunRow>) -> Result<(), StoreError> {
+async fn insert_event_runs(c: &mut &Conn, runs: Vec<EventRunRow>) -> Result<(), StoreError> {
     if runs.is_empty() {
         return Ok(());
     }

@@ -71,6 +71,22 @@ macro_rules! skip_locked {
     };
 }
 
+/// Runs the blocks one after another: SQLite has no pipelining (PostgreSQL's `pipelined!`
+/// sends them together).
+macro_rules! pipelined {
+    ($c:ident => $($block:block)+) => {{
+        $($block)+
+    }};
+}
+
+/// Evaluates the expressions one after another into a tuple (PostgreSQL's `joined!`
+/// pipelines them).
+macro_rules! joined {
+    ($c:ident => $($e:expr),+ $(,)?) => {
+        ($($e),+)
+    };
+}
+
 /// diesel-async cannot build SQLite's multi-row inserts; the wrapped sync connection can.
 macro_rules! insert_rows {
     ($c:expr, $table:expr, $rows:expr) => {{

@@ -114,11 +114,12 @@ diesel::table! {
 }
 
 diesel::table! {
-    queue_position_buckets (queue, priority, bucket) {
+    queue_position_buckets (queue, priority, bucket, shard) {
         queue -> Text,
         priority -> Int4,
         bucket -> Int8,
         pending -> Int8,
+        shard -> Int4,
     }
 }
 

@@ -114,10 +114,11 @@ diesel::table! {
 }
 
 diesel::table! {
-    queue_position_buckets (queue, priority, bucket) {
+    queue_position_buckets (queue, priority, bucket, shard) {
         queue -> Text,
         priority -> Integer,
         bucket -> BigInt,
+        shard -> Integer,
         pending -> BigInt,
     }
 }
