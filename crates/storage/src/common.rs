@@ -1662,15 +1662,31 @@ where
     C: diesel_async::AsyncConnectionCore<Backend = Db> + Send,
 {
     // Written out for SQLite's partial index `batches_claimable`, as above.
-    Ok(batches::table
+    let found: Vec<(String, i64, i32, i64)> = batches::table
         .filter(batches::queue.eq(&request.queue))
         .filter(HasUnclaimed)
         .filter(batches::run_at.is_null().or(batches::run_at.le(now)))
         .order((batches::priority.desc(), batches::seq.asc()))
         .limit(request.max_items as i64)
-        .select((batches::id, batches::seq, batches::priority))
+        .select((batches::id, batches::seq, batches::priority, batches::unclaimed))
         .load(c)
-        .await?)
+        .await?;
+    // Only as many batches as the claim can take items from, and one more in case one of
+    // them changes before it is locked: every candidate is locked, and with a long queue
+    // there are `max_items` of them.
+    let (mut needed, mut spare) = (request.max_items as i64, 1);
+    let mut out = Vec::new();
+    for (id, seq, priority, unclaimed) in found {
+        if needed <= 0 {
+            if spare == 0 {
+                break;
+            }
+            spare -= 1;
+        }
+        needed -= unclaimed.max(1);
+        out.push((id, seq, priority));
+    }
+    Ok(out)
 }
 
 /// Applies finished attempts to their batches (locked in `touched`). A completion that
