@@ -323,33 +323,35 @@ async fn complete_fresh(
     rows: Vec<FreshEnd>,
     now: OffsetDateTime,
 ) -> Result<Vec<CompletedItem>, StoreError> {
-    if rows.is_empty() {
-        return Ok(Vec::new());
-    }
-    Ok(c.spawn_blocking(move |conn| {
-        let mut done = Vec::with_capacity(rows.len());
-        for end in &rows {
-            let row: Option<CompletedItem> =
-                diesel::RunQueryDsl::get_result(CompleteFresh { end, now }, conn).optional()?;
-            done.extend(row);
-        }
-        Ok(done)
+    complete_each(c, rows, move |end, conn| {
+        diesel::RunQueryDsl::get_result(CompleteFresh { end, now }, conn).optional()
     })
-    .await?)
+    .await
 }
 
 /// Completes items claimed one by one, while they still run under these tokens, the same
 /// way (see [`CompleteOwn`]).
 async fn complete_own(c: &mut Conn, rows: Vec<OwnEnd>, now: OffsetDateTime) -> Result<Vec<CompletedItem>, StoreError> {
+    complete_each(c, rows, move |end, conn| {
+        diesel::RunQueryDsl::get_result(CompleteOwn { end, now }, conn).optional()
+    })
+    .await
+}
+
+/// Runs `complete` for each row, all in one trip to the connection; returns the items it
+/// completed.
+async fn complete_each<E, F>(c: &mut Conn, rows: Vec<E>, complete: F) -> Result<Vec<CompletedItem>, StoreError>
+where
+    E: Send + 'static,
+    F: Fn(&E, &mut SqliteConnection) -> QueryResult<Option<CompletedItem>> + Send + 'static,
+{
     if rows.is_empty() {
         return Ok(Vec::new());
     }
     Ok(c.spawn_blocking(move |conn| {
         let mut done = Vec::with_capacity(rows.len());
         for end in &rows {
-            let row: Option<CompletedItem> =
-                diesel::RunQueryDsl::get_result(CompleteOwn { end, now }, conn).optional()?;
-            done.extend(row);
+            done.extend(complete(end, conn)?);
         }
         Ok(done)
     })

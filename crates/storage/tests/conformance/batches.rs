@@ -1,7 +1,7 @@
 //! Creating, reading and listing batches: idempotency, tenancy, filters, cursors, positions.
 
 use batchd_domain::{BatchStatus, EventType, ItemStatus};
-use batchd_storage::{BatchFilter, CreateOutcome, Finish, NewBatch, Outcome, PageRequest, Scope, StoreError};
+use batchd_storage::{BatchFilter, CreateOutcome, NewBatch, PageRequest, Scope, StoreError};
 use serde_json::json;
 use time::Duration;
 
@@ -385,17 +385,7 @@ async fn events_page_across_the_runs_they_are_stored_in(f: Fixture) {
     let (b, _) = f.submit(batch("default", 150)).await;
     let claimed = f.claim("default", 150).await;
     assert_eq!(claimed.len(), 150);
-    let finishes = claimed
-        .iter()
-        .map(|item| Finish {
-            item_id: item.id.clone(),
-            lease_token: item.lease_token.clone(),
-            outcome: Outcome::Completed {
-                result: json!({"index": item.index}),
-            },
-        })
-        .collect();
-    f.store.finish(finishes).await.expect("finish");
+    f.complete_all(&claimed).await;
     let all = f.store.read_events(Scope::All, &b.id, 0, 1_000).await.expect("events");
     // created, started, 150 items started and completed, completed.
     assert_eq!(all.len(), 303);

@@ -96,6 +96,21 @@ impl Fixture {
         .await
     }
 
+    /// Completes all of `items` in one call, each with `{"done": index}`.
+    pub async fn complete_all(&self, items: &[ClaimedItem]) -> Vec<FinishResult> {
+        let finishes = items
+            .iter()
+            .map(|item| Finish {
+                item_id: item.id.clone(),
+                lease_token: item.lease_token.clone(),
+                outcome: Outcome::Completed {
+                    result: json!({"done": item.index}),
+                },
+            })
+            .collect();
+        self.store.finish(finishes).await.expect("finish")
+    }
+
     pub async fn batch(&self, id: &str) -> BatchRecord {
         self.store.get_batch(Scope::All, id).await.expect("get the batch")
     }

@@ -8,7 +8,7 @@
 use batchd_domain::{BatchStatus, ItemStatus};
 use batchd_storage::testing::{ManualClock, TestDatabase};
 use batchd_storage::{Finish, FinishResult, Outcome, Scope, StoreOptions};
-use diesel::connection::SimpleConnection as _;
+use diesel::connection::SimpleConnection;
 use diesel::{Connection as _, SqliteConnection};
 use diesel_async::AsyncPgConnection;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
@@ -74,10 +74,7 @@ async fn sqlite_upgrade_keeps_batches_items_and_events() {
     let path = db.url().trim_start_matches("sqlite://").to_owned();
     tokio::task::spawn_blocking(move || {
         let mut conn = SqliteConnection::establish(&path).expect("open");
-        for _ in 0..BEFORE_RANGE_CLAIMS {
-            conn.run_next_migration(SQLITE_MIGRATIONS).expect("an old migration");
-        }
-        conn.batch_execute(OLD_ROWS).expect("old rows");
+        write_old_rows(&mut conn, SQLITE_MIGRATIONS);
     })
     .await
     .expect("join");
@@ -92,14 +89,24 @@ async fn postgres_upgrade_keeps_batches_items_and_events() {
     let url = db.url().to_owned();
     tokio::task::spawn_blocking(move || {
         let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::establish(&url).expect("connect");
-        for _ in 0..BEFORE_RANGE_CLAIMS {
-            conn.run_next_migration(POSTGRES_MIGRATIONS).expect("an old migration");
-        }
-        conn.batch_execute(OLD_ROWS).expect("old rows");
+        write_old_rows(&mut conn, POSTGRES_MIGRATIONS);
     })
     .await
     .expect("join");
     upgrade_keeps_batches_items_and_events(db).await;
+}
+
+/// Brings an empty database to migration 000003 and writes `OLD_ROWS`.
+fn write_old_rows<DB, C>(conn: &mut C, migrations: EmbeddedMigrations)
+where
+    DB: diesel::backend::Backend,
+    C: MigrationHarness<DB> + SimpleConnection,
+{
+    let all = conn.pending_migrations(migrations).expect("the migrations");
+    for migration in &all[..BEFORE_RANGE_CLAIMS] {
+        conn.run_migration(migration.as_ref()).expect("an old migration");
+    }
+    conn.batch_execute(OLD_ROWS).expect("old rows");
 }
 
 async fn upgrade_keeps_batches_items_and_events(db: TestDatabase) {
