@@ -9,8 +9,8 @@
 //   on SQLite (whose write transactions are serialized);
 // - `insert_rows!(c, table, rows)`: a multi-row insert of owned rows;
 // - `save_items`, `insert_items`, `insert_event_runs`, `complete_fresh`, `complete_own`,
-//   `delete_entries`, `lock_end_rows_by_id`, `lock_batch_rows` and
-//   `next_batch_seq`: the statements of the hot path, in each backend's best form;
+//   `delete_entries`, `lock_end_rows_by_id`, `lock_batch_rows`, `leases_of`, `items_from`
+//   and `next_batch_seq`: the statements of the hot path, in each backend's best form;
 // - `Self::notify_in_tx(c, &notices)` and `Self::after_commit(notices)`.
 //
 // How items are claimed (migration 2026-12-04-000004_range_claims has the long version): a
@@ -209,7 +209,8 @@ struct EndRow {
 }
 
 /// A completion of an item running under a range lease, as `complete_fresh` writes it: the
-/// row must still say `pending`, never started, in the lease's batch.
+/// row must still say `pending`, never started (so no attempt counted yet: `attempts` is 0
+/// until an item starts), in the lease's batch. Its attempt is the first.
 #[derive(Debug, Clone)]
 struct FreshEnd {
     id: String,
@@ -308,7 +309,11 @@ struct NewLeaseRow {
     expires_at: OffsetDateTime,
 }
 
-/// One timeline event, as a run stores it (see `event_runs`).
+/// One timeline event, as a run stores it (see `event_runs`), or several: the same event of
+/// further items right after it (`more`), as a claim of a range or a group of completions
+/// writes them. Those take the seqs after `seq`, one each, in order; their ids are not
+/// stored but read from `items` by index when the events are read (an item's id never
+/// changes, and a batch's items and events are deleted together).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct EventRow {
     #[serde(skip)]
@@ -316,6 +321,8 @@ struct EventRow {
     seq: i64,
     item_id: Option<String>,
     item_index: Option<i32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    more: Vec<i32>,
     #[serde(rename = "type")]
     event_type: String,
     step: Option<String>,
@@ -323,6 +330,29 @@ struct EventRow {
     data: Option<Value>,
     #[serde(with = "run_time")]
     at: OffsetDateTime,
+}
+
+impl EventRow {
+    /// The seq of the last event it holds.
+    fn last_seq(&self) -> i64 {
+        self.seq + self.more.len() as i64
+    }
+
+    /// Takes the same event of the next item into this one, when it is that: an item event
+    /// of the same type, data and time, with no step or message, whose seq comes next.
+    fn absorb(&mut self, seq: i64, index: i32, event_type: &str, data: Option<&Value>, at: OffsetDateTime) -> bool {
+        let fits = self.item_index.is_some()
+            && self.step.is_none()
+            && self.message.is_none()
+            && self.last_seq() + 1 == seq
+            && self.at == at
+            && self.event_type == event_type
+            && self.data.as_ref() == data;
+        if fits {
+            self.more.push(index);
+        }
+        fits
+    }
 }
 
 /// An event's time in a run: microseconds since the Unix epoch. Rows moved from the old
@@ -379,6 +409,7 @@ fn event_runs_of(events: Vec<EventRow>) -> Result<Vec<EventRunRow>, StoreError> 
     let mut open: Option<EventRunRow> = None;
     for event in events {
         let json = serde_json::to_string(&event).map_err(|e| StoreError::Corrupt(format!("an event: {e}")))?;
+        let last_seq = event.last_seq();
         let joins = open.as_ref().is_some_and(|run| {
             run.batch_id == event.batch_id && run.last_seq + 1 == event.seq && run.events.len() + json.len() < EVENT_RUN_BYTES
         });
@@ -388,11 +419,11 @@ fn event_runs_of(events: Vec<EventRow>) -> Result<Vec<EventRunRow>, StoreError> 
                 run.events.push(',');
                 run.events.push_str(&json);
                 run.events.push(']');
-                run.last_seq = event.seq;
+                run.last_seq = last_seq;
             }
         } else {
             runs.extend(open.take());
-            open = Some(EventRunRow { batch_id: event.batch_id, first_seq: event.seq, last_seq: event.seq, events: format!("[{json}]") });
+            open = Some(EventRunRow { batch_id: event.batch_id, first_seq: event.seq, last_seq, events: format!("[{json}]") });
         }
     }
     runs.extend(open);
@@ -814,6 +845,11 @@ impl Touched {
         );
     }
 
+    /// Whether the batch's webhook asks for events of this type.
+    fn delivers(&self, event_type: EventType) -> bool {
+        self.row.webhook_url.is_some() && self.row.webhook_events().contains(&event_type)
+    }
+
     /// Appends an event (and its webhook delivery, when the batch's webhook asks for it).
     fn event(
         &mut self,
@@ -828,9 +864,7 @@ impl Touched {
         let step = item
             .and_then(|i| i.step.map(str::to_owned))
             .filter(|_| event_type == EventType::ItemStep);
-        if let Some(url) = self.row.webhook_url.clone()
-            && self.row.webhook_events().contains(&event_type)
-        {
+        if let Some(url) = self.row.webhook_url.clone().filter(|_| self.delivers(event_type)) {
             let delivery_id = batchd_domain::new_item_id();
             let counts = self.row.counts();
             let payload = match item {
@@ -862,9 +896,16 @@ impl Touched {
                 updated_at: now,
             });
         }
+        if let (Some(item), Some(last), None) = (item, self.events.last_mut(), &message)
+            && step.is_none()
+            && last.absorb(seq, item.index, event_type.as_str(), data.as_ref(), now)
+        {
+            return;
+        }
         self.events.push(EventRow {
             batch_id: self.row.id.clone(),
             seq,
+            more: Vec::new(),
             item_id: item.map(|i| i.id.to_owned()),
             item_index: item.map(|i| i.index),
             event_type: event_type.to_string(),
@@ -1029,6 +1070,7 @@ mod fixed {
 
     condition!(Unblocked = UNBLOCKED);
     condition!(HasUnclaimed = "batches.unclaimed > 0 AND batches.status IN ('pending', 'running')");
+    condition!(BatchClaimable = "batches.status IN ('pending', 'running')");
 
     fixed_statement!(UpdateBatch {
         status: &'a str, pending: i64, running: i64, completed: i64, failed: i64, cancelled: i64,
@@ -1548,14 +1590,28 @@ async fn leases_by_id(c: &mut Conn, ids: Vec<i64>) -> Result<HashMap<i64, LeaseR
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
-    let rows: Vec<LeaseRow> =
-        leases::table.filter(leases::id.eq_any(ids)).select(LeaseRow::as_select()).load(c).await?;
+    let rows = leases_of(c, ids).await?;
     Ok(rows.into_iter().map(|l| (l.id, l)).collect())
 }
 
-/// A completion written by `complete_fast`: the row as it returned it, and the range lease
-/// it ran under (`None` for an item claimed one by one).
-type FastEnd = (CompletedItem, Option<i64>);
+/// A completion written by `complete_fast`.
+enum FastEnd {
+    /// An item that ran under range lease `lease`. It had never started before, so this was
+    /// its first attempt, and nothing wrote its step or message (reporting either takes an
+    /// item out of its range).
+    Fresh { end: FreshEnd, lease: i64 },
+    /// An item claimed one by one: its row as the completion returned it.
+    Own(CompletedItem),
+}
+
+impl FastEnd {
+    fn batch_id(&self) -> &str {
+        match self {
+            FastEnd::Fresh { end, .. } => &end.batch_id,
+            FastEnd::Own(done) => &done.batch_id,
+        }
+    }
+}
 
 /// Writes the completions of items whose batch runs on, before anything else is locked: one
 /// conditional UPDATE for items of range leases (`complete_fresh`) and one for items
@@ -1584,7 +1640,10 @@ async fn complete_fast(
             )),
         }
     }
-    let leases = leases_by_id(c, range.iter().map(|(_, lease, ..)| *lease).collect()).await?;
+    let mut lease_ids: Vec<i64> = range.iter().map(|(_, lease, ..)| *lease).collect();
+    lease_ids.sort_unstable();
+    lease_ids.dedup();
+    let leases = leases_by_id(c, lease_ids).await?;
     let mut positions: HashMap<String, (usize, Option<i64>)> = HashMap::with_capacity(range.len() + own.len());
     let mut fresh = Vec::with_capacity(range.len());
     for (pos, lease_id, secret, index, result) in range {
@@ -1602,15 +1661,30 @@ async fn complete_fast(
     for (pos, end) in &own {
         positions.insert(end.id.clone(), (*pos, None));
     }
-    let mut written = complete_fresh(c, fresh, now).await?;
-    written.extend(complete_own(c, own.into_iter().map(|(_, end)| end).collect(), now).await?);
-    Ok(written
-        .into_iter()
-        .filter_map(|row| {
-            let (pos, lease) = positions.get(&row.id).copied()?;
-            Some((pos, (row, lease)))
-        })
-        .collect())
+    let mut out = HashMap::with_capacity(positions.len());
+    for end in complete_fresh(c, fresh, now).await? {
+        if let Some(&(pos, Some(lease))) = positions.get(&end.id) {
+            out.insert(pos, FastEnd::Fresh { end, lease });
+        }
+    }
+    for done in complete_own(c, own.into_iter().map(|(_, end)| end).collect(), now).await? {
+        if let Some(&(pos, None)) = positions.get(&done.id) {
+            out.insert(pos, FastEnd::Own(done));
+        }
+    }
+    Ok(out)
+}
+
+/// The `custom_id` of a batch's item, by index.
+async fn custom_id_at(c: &mut Conn, batch_id: &str, index: i32) -> Result<Option<String>, StoreError> {
+    Ok(items::table
+        .filter(items::batch_id.eq(batch_id))
+        .filter(items::item_index.eq(index))
+        .select(items::custom_id)
+        .first::<Option<String>>(c)
+        .await
+        .optional()?
+        .flatten())
 }
 
 /// Up to `max_items` queue entries of the request's queue that may be claimed now, in claim
@@ -1634,7 +1708,7 @@ where
             .filter(diesel::dsl::exists(
                 batches::table
                     .filter(batches::id.eq(queue_entries::batch_id))
-                    .filter(batches::status.eq_any([BatchStatus::Pending.as_str(), BatchStatus::Running.as_str()]))
+                    .filter(BatchClaimable)
                     .filter(batches::run_at.is_null().or(batches::run_at.le(now))),
             ))
             .order((queue_entries::priority.desc(), queue_entries::batch_seq.asc(), queue_entries::item_index.asc()))
@@ -1711,31 +1785,44 @@ async fn apply_finishes(
     // Whole rows changed here and not yet written, by seq.
     let mut unsaved: BTreeMap<i64, ItemRow> = BTreeMap::new();
     for (pos, f) in finishes.into_iter().enumerate() {
-        if let Some((done, lease)) = fast.remove(&pos) {
-            let Some(t) = touched.get_mut(&done.batch_id) else {
-                return Err(StoreError::Corrupt(format!("item {} of an unlocked batch", done.id)));
+        if let Some(done) = fast.remove(&pos) {
+            let Some(t) = touched.get_mut(done.batch_id()) else {
+                return Err(StoreError::Corrupt(format!("item {} of an unlocked batch", f.item_id)));
             };
             let to = item_sm::complete(ItemStatus::Running)?;
-            match lease {
-                Some(lease) => *t.ranges_end.entry(lease).or_default() += 1,
-                None => t.leases_end.push(done.seq),
-            }
             t.move_item(ItemStatus::Running, to);
             let result = match &f.outcome {
                 Outcome::Completed { result } => Some(result),
                 _ => None,
             };
+            // What the event and a webhook delivery show of the item. A fresh item's custom
+            // id is only read when a delivery will carry it.
+            let (index, custom_id, step, message, attempts) = match done {
+                FastEnd::Fresh { end, lease } => {
+                    *t.ranges_end.entry(lease).or_default() += 1;
+                    let custom_id = if t.delivers(EventType::ItemCompleted) {
+                        custom_id_at(c, &end.batch_id, end.item_index).await?
+                    } else {
+                        None
+                    };
+                    (end.item_index, custom_id, None, None, 1)
+                }
+                FastEnd::Own(done) => {
+                    t.leases_end.push(done.seq);
+                    (done.item_index, done.custom_id, done.step, done.message, done.attempts)
+                }
+            };
             let snapshot = ItemSnapshot {
-                id: &done.id,
-                index: done.item_index,
-                custom_id: done.custom_id.as_deref(),
+                id: &f.item_id,
+                index,
+                custom_id: custom_id.as_deref(),
                 status: to.as_str(),
-                step: done.step.as_deref(),
-                message: done.message.as_deref(),
+                step: step.as_deref(),
+                message: message.as_deref(),
                 result,
                 error: None,
             };
-            t.event(EventType::ItemCompleted, Some(snapshot), None, Some(json!({"attempt": done.attempts})), now);
+            t.event(EventType::ItemCompleted, Some(snapshot), None, Some(json!({"attempt": attempts})), now);
             t.advance = true;
             t.settle(now)?;
             results.push(FinishResult::Applied(to));
@@ -1951,14 +2038,7 @@ async fn claim_range(
     let mut taken: Vec<FreshRow> = Vec::with_capacity(want);
     let mut next = t.row.next_index;
     while taken.len() < want {
-        let rows: Vec<FreshRow> = items::table
-            .filter(items::batch_id.eq(&t.row.id))
-            .filter(items::item_index.ge(next))
-            .order(items::item_index.asc())
-            .limit((want - taken.len()) as i64)
-            .select(FreshRow::as_select())
-            .load(c)
-            .await?;
+        let rows = items_from(c, t.row.id.clone(), next, want - taken.len()).await?;
         if rows.is_empty() {
             tracing::error!(batch = %t.row.id, unclaimed = t.row.unclaimed, found = taken.len(), "fewer items at the claim cursor than counted");
             t.row.unclaimed = taken.len() as i64;
@@ -2746,25 +2826,52 @@ impl crate::Store for ThisStore {
             .select(EventRunRow::as_select())
             .load(&mut *conn)
             .await?;
-        let mut out = Vec::with_capacity(limit);
-        for run in runs {
+        let mut out: Vec<EventRecord> = Vec::with_capacity(limit);
+        'runs: for run in runs {
             let events: Vec<EventRow> = serde_json::from_str(&run.events)
                 .map_err(|e| StoreError::Corrupt(format!("the event run of batch {} up to {}: {e}", run.batch_id, run.last_seq)))?;
-            for e in events.into_iter().filter(|e| e.seq > after) {
-                if out.len() == limit {
-                    return Ok(out);
+            for e in events {
+                let event_type: EventType = e.event_type.parse()?;
+                let items = std::iter::once((e.item_id, e.item_index)).chain(e.more.into_iter().map(|i| (None, Some(i))));
+                for (seq, (item_id, item_index)) in (e.seq..).zip(items) {
+                    if seq <= after {
+                        continue;
+                    }
+                    if out.len() == limit {
+                        break 'runs;
+                    }
+                    out.push(EventRecord {
+                        event_type,
+                        batch_id: run.batch_id.clone(),
+                        seq,
+                        item_id,
+                        item_index,
+                        step: e.step.clone(),
+                        message: e.message.clone(),
+                        data: e.data.clone(),
+                        at: e.at,
+                    });
                 }
-                out.push(EventRecord {
-                    event_type: e.event_type.parse()?,
-                    batch_id: run.batch_id.clone(),
-                    seq: e.seq,
-                    item_id: e.item_id,
-                    item_index: e.item_index,
-                    step: e.step,
-                    message: e.message,
-                    data: e.data,
-                    at: e.at,
-                });
+            }
+        }
+        // The ids of the items whose events were stored together with an earlier item's.
+        let mut unnamed: Vec<i32> =
+            out.iter().filter(|e| e.item_id.is_none()).filter_map(|e| e.item_index).collect();
+        if !unnamed.is_empty() {
+            unnamed.sort_unstable();
+            unnamed.dedup();
+            let mut ids: HashMap<i32, String> = HashMap::with_capacity(unnamed.len());
+            for chunk in unnamed.chunks(INSERT_CHUNK) {
+                let found: Vec<(i32, String)> = items::table
+                    .filter(items::batch_id.eq(batch_id))
+                    .filter(items::item_index.eq_any(chunk))
+                    .select((items::item_index, items::id))
+                    .load(&mut *conn)
+                    .await?;
+                ids.extend(found);
+            }
+            for e in out.iter_mut().filter(|e| e.item_id.is_none()) {
+                e.item_id = e.item_index.and_then(|i| ids.get(&i).cloned());
             }
         }
         Ok(out)
@@ -2980,7 +3087,7 @@ impl crate::Store for ThisStore {
                 let mut touched = lock_batches(
                     c,
                     fast.values()
-                        .map(|(done, _)| done.batch_id.clone())
+                        .map(|done| done.batch_id().to_owned())
                         .chain(rows.values().map(|r| r.batch_id.clone()))
                         .chain(entries.iter().flatten().map(|e| e.batch_id.clone()))
                         .chain(cursors.iter().flatten().map(|(id, _, _)| id.clone())),
@@ -3613,6 +3720,7 @@ mod event_run_tests {
             seq,
             item_id: Some(format!("item-{seq}")),
             item_index: Some(seq as i32),
+            more: Vec::new(),
             event_type: EventType::ItemStarted.to_string(),
             step: None,
             message: Some(message.to_owned()),
@@ -3639,6 +3747,27 @@ mod event_run_tests {
         assert_eq!(back.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=40).collect::<Vec<_>>());
         assert_eq!(back[0].at, event("a", 1, "m").at, "times keep their microseconds");
         assert_eq!(back[0].message.as_deref(), Some("m"));
+    }
+
+    #[test]
+    fn like_events_of_consecutive_items_are_stored_as_one() {
+        let mut first = event("a", 1, "m");
+        first.message = None;
+        let (at, data) = (first.at, first.data.clone());
+        assert!(first.absorb(2, 7, "item.started", data.as_ref(), at));
+        assert!(!first.absorb(4, 8, "item.started", data.as_ref(), at), "a gap in seq");
+        assert!(!first.absorb(3, 8, "item.completed", data.as_ref(), at), "another type");
+        assert!(!first.absorb(3, 8, "item.started", Some(&json!({"attempt": 2})), at), "other data");
+        assert!(!first.absorb(3, 8, "item.started", data.as_ref(), at + Duration::from_secs(1)), "another time");
+        assert_eq!((first.more.clone(), first.last_seq()), (vec![7], 2));
+        assert!(!event("a", 1, "m").absorb(2, 7, "item.started", data.as_ref(), at), "an event with a message stays whole");
+
+        let runs = event_runs_of(vec![first, event("a", 3, "m")]).expect("runs");
+        assert_eq!(runs.len(), 1);
+        assert_eq!((runs[0].first_seq, runs[0].last_seq), (1, 3));
+        let back: Vec<EventRow> = serde_json::from_str(&runs[0].events).expect("json");
+        assert_eq!(back.iter().map(|e| (e.seq, e.more.clone())).collect::<Vec<_>>(), vec![(1, vec![7]), (3, vec![])]);
+        assert!(!runs[0].events.contains("\"more\":[]"), "a whole event stores no `more`");
     }
 
     #[test]

@@ -186,17 +186,17 @@ mod statements {
     statement!(CompleteFresh {
         id: Vec<String>, batch_id: Vec<String>, item_index: Vec<i32>, started_at: Vec<OffsetDateTime>,
         result: Vec<Value>, now: OffsetDateTime,
-    } returns CompletedItemSql =
-        "UPDATE items AS i SET status = 'completed', attempts = i.attempts + 1, started_at = v.started_at, \
+    } returns BigInt =
+        "UPDATE items AS i SET status = 'completed', attempts = 1, started_at = v.started_at, \
          result = v.result, error = NULL, completed_at = v.now, updated_at = v.now FROM (SELECT *, ",
         now => Timestamptz, "::timestamptz AS now FROM unnest(", id => Array<Text>, "::text[], ",
         batch_id => Array<Text>, "::text[], ", item_index => Array<Integer>, "::int[], ",
         started_at => Array<Timestamptz>, "::timestamptz[], ", result => Array<Jsonb>,
-        "::jsonb[]) AS u(id, batch_id, item_index, started_at, result)) AS v \
-         WHERE i.id = ANY(", id => Array<Text>, "::text[]) AND i.id = v.id AND i.batch_id = v.batch_id \
-         AND i.item_index = v.item_index AND i.status = 'pending' AND i.started_at IS NULL \
+        "::jsonb[]) WITH ORDINALITY AS u(id, batch_id, item_index, started_at, result, n)) AS v \
+         WHERE i.batch_id = v.batch_id AND i.item_index = v.item_index AND i.id = v.id \
+         AND i.status = 'pending' AND i.started_at IS NULL AND i.attempts = 0 \
          AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = i.batch_id AND b.status IN ('pending', 'running', 'paused')) \
-         RETURNING i.seq, i.id, i.batch_id, i.item_index, i.custom_id, i.step, i.message, i.attempts"
+         RETURNING v.n"
     );
 
     statement!(CompleteOwn {
@@ -333,14 +333,15 @@ async fn insert_event_runs(c: &mut &Conn, runs: Vec<EventRunRow>) -> Result<(), 
     Ok(())
 }
 
-/// Completes items running under range leases, while their rows still say so.
+/// Completes items running under range leases, while their rows still say so; returns the
+/// ends it wrote.
 async fn complete_fresh(
     c: &mut Conn,
-    rows: Vec<FreshEnd>,
+    mut rows: Vec<FreshEnd>,
     now: OffsetDateTime,
-) -> Result<Vec<CompletedItem>, StoreError> {
+) -> Result<Vec<FreshEnd>, StoreError> {
     if rows.is_empty() {
-        return Ok(Vec::new());
+        return Ok(rows);
     }
     let n = rows.len();
     let mut s = CompleteFresh {
@@ -351,14 +352,21 @@ async fn complete_fresh(
         result: Vec::with_capacity(n),
         now,
     };
-    for r in rows {
-        s.id.push(r.id);
-        s.batch_id.push(r.batch_id);
+    for r in &mut rows {
+        s.id.push(r.id.clone());
+        s.batch_id.push(r.batch_id.clone());
         s.item_index.push(r.item_index);
         s.started_at.push(r.started_at);
-        s.result.push(r.result);
+        s.result.push(std::mem::take(&mut r.result));
     }
-    Ok(s.load(c).await?)
+    // `n` counts from 1, in the order of `rows`.
+    let mut written: Vec<i64> = s.load(c).await?;
+    written.sort_unstable();
+    let mut rows: Vec<Option<FreshEnd>> = rows.into_iter().map(Some).collect();
+    Ok(written
+        .into_iter()
+        .filter_map(|n| rows.get_mut(usize::try_from(n - 1).ok()?)?.take())
+        .collect())
 }
 
 /// Completes items claimed one by one, while they still run under these tokens.
@@ -400,6 +408,28 @@ async fn lock_end_rows_by_id(c: &mut Conn, ids: Vec<String>) -> Result<Vec<EndRo
     )
     .load(c)
     .await?)
+}
+
+/// Up to `limit` items of a batch from index `from` on, in index order, as a range claim
+/// reads them.
+async fn items_from(c: &mut Conn, batch_id: String, from: i32, limit: usize) -> Result<Vec<FreshRow>, StoreError> {
+    Ok(items::table
+        .filter(items::batch_id.eq(&batch_id))
+        .filter(items::item_index.ge(from))
+        .order(items::item_index.asc())
+        .limit(limit as i64)
+        .select(FreshRow::as_select())
+        .load(c)
+        .await?)
+}
+
+/// These lease rows, in one statement.
+async fn leases_of(c: &mut Conn, ids: Vec<i64>) -> Result<Vec<LeaseRow>, StoreError> {
+    Ok(leases::table
+        .filter(leases::id.eq_any(ids))
+        .select(LeaseRow::as_select())
+        .load(c)
+        .await?)
 }
 
 /// These batch rows, locked in id order, in one statement.

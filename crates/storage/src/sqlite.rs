@@ -317,16 +317,63 @@ impl InsertRow for NewItemRow {
 }
 
 /// Completes items running under range leases, while their rows still say so: one cached
-/// statement per item, all in one trip (see [`CompleteFresh`]).
-async fn complete_fresh(
-    c: &mut Conn,
-    rows: Vec<FreshEnd>,
-    now: OffsetDateTime,
-) -> Result<Vec<CompletedItem>, StoreError> {
-    complete_each(c, rows, move |end, conn| {
-        diesel::RunQueryDsl::get_result(CompleteFresh { end, now }, conn).optional()
+/// statement per item, all in one trip (see [`CompleteFresh`]), for the items of batches
+/// that run on (write transactions are serialized, so each batch's status is read once,
+/// first). Returns the ends it wrote.
+async fn complete_fresh(c: &mut Conn, rows: Vec<FreshEnd>, now: OffsetDateTime) -> Result<Vec<FreshEnd>, StoreError> {
+    if rows.is_empty() {
+        return Ok(rows);
+    }
+    Ok(c.spawn_blocking(move |conn| {
+        let now = sqlite_time(now);
+        let mut runs_on: HashMap<String, bool> = HashMap::new();
+        let mut started: Option<(OffsetDateTime, String)> = None;
+        let mut written = Vec::with_capacity(rows.len());
+        for end in rows {
+            let batch_runs_on = match runs_on.get(&end.batch_id) {
+                Some(&known) => known,
+                None => {
+                    let status: Option<String> =
+                        diesel::RunQueryDsl::first(batches::table.find(&end.batch_id).select(batches::status), conn)
+                            .optional()?;
+                    let known = matches!(status.as_deref(), Some("pending" | "running" | "paused"));
+                    runs_on.insert(end.batch_id.clone(), known);
+                    known
+                }
+            };
+            if !batch_runs_on {
+                continue;
+            }
+            if started.as_ref().is_none_or(|(at, _)| *at != end.started_at) {
+                started = Some((end.started_at, sqlite_time(end.started_at)));
+            }
+            let started_at = started.as_ref().map(|(_, text)| text.as_str()).unwrap_or_default();
+            let statement = CompleteFresh {
+                end: &end,
+                started_at,
+                now: &now,
+            };
+            if diesel::RunQueryDsl::execute(statement, conn)? == 1 {
+                written.push(end);
+            }
+        }
+        Ok::<_, diesel::result::Error>(written)
     })
-    .await
+    .await?)
+}
+
+/// A time as diesel writes it to a SQLite `TIMESTAMP` column (UTC, `+00:00`, subseconds
+/// only when there are some), so a statement can bind it as text formatted once.
+fn sqlite_time(t: OffsetDateTime) -> String {
+    const WHOLE: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day] [hour]:[minute]:[second][offset_hour sign:mandatory]:[offset_minute]"
+    );
+    const SUBSECOND: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond][offset_hour sign:mandatory]:[offset_minute]"
+    );
+    let t = t.to_offset(time::UtcOffset::UTC);
+    let format = if t.nanosecond() == 0 { WHOLE } else { SUBSECOND };
+    t.format(format).unwrap_or_default()
 }
 
 /// Completes items claimed one by one, while they still run under these tokens, the same
@@ -380,7 +427,22 @@ macro_rules! row_statement {
     };
 }
 
-row_statement!(CompleteFresh<FreshEnd>, CompletedItemSql);
+/// `UPDATE items SET <its first attempt completed> WHERE <the item, still pending and never
+/// started>`: no `RETURNING` (SQLite gathers returned rows in a temporary table per run), and
+/// times bound as text formatted once per transaction.
+struct CompleteFresh<'a> {
+    end: &'a FreshEnd,
+    started_at: &'a str,
+    now: &'a str,
+}
+
+impl<Conn> diesel::RunQueryDsl<Conn> for CompleteFresh<'_> {}
+
+impl diesel::query_builder::QueryId for CompleteFresh<'_> {
+    type QueryId = CompleteFresh<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
 row_statement!(CompleteOwn<OwnEnd>, CompletedItemSql);
 
 /// The batch condition of the completions, without an `IN` list (SQLite builds a temporary
@@ -395,23 +457,22 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for CompleteFr
         &'b self,
         mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
     ) -> QueryResult<()> {
-        use diesel::sql_types::{Integer, Json, Text, TimestamptzSqlite};
-        out.push_sql("UPDATE items SET status = 'completed', attempts = attempts + 1, started_at = ");
-        out.push_bind_param::<TimestamptzSqlite, _>(&self.end.started_at)?;
+        use diesel::sql_types::{Integer, Json, Text};
+        out.push_sql("UPDATE items SET status = 'completed', attempts = 1, started_at = ");
+        out.push_bind_param::<Text, _>(self.started_at)?;
         out.push_sql(", result = ");
         out.push_bind_param::<Json, _>(&self.end.result)?;
         out.push_sql(", error = NULL, completed_at = ");
-        out.push_bind_param::<TimestamptzSqlite, _>(&self.now)?;
+        out.push_bind_param::<Text, _>(self.now)?;
         out.push_sql(", updated_at = ");
-        out.push_bind_param::<TimestamptzSqlite, _>(&self.now)?;
-        out.push_sql(" WHERE id = ");
-        out.push_bind_param::<Text, _>(&self.end.id)?;
-        out.push_sql(" AND batch_id = ");
+        out.push_bind_param::<Text, _>(self.now)?;
+        out.push_sql(" WHERE batch_id = ");
         out.push_bind_param::<Text, _>(&self.end.batch_id)?;
         out.push_sql(" AND item_index = ");
         out.push_bind_param::<Integer, _>(&self.end.item_index)?;
-        out.push_sql(" AND status = 'pending' AND started_at IS NULL");
-        out.push_sql(BATCH_RUNS_ON);
+        out.push_sql(" AND id = ");
+        out.push_bind_param::<Text, _>(&self.end.id)?;
+        out.push_sql(" AND status = 'pending' AND started_at IS NULL AND attempts = 0");
         Ok(())
     }
 }
@@ -470,6 +531,35 @@ async fn lock_end_rows_by_id(c: &mut Conn, ids: Vec<String>) -> Result<Vec<EndRo
     .await?)
 }
 
+/// Up to `limit` items of a batch from index `from` on, in index order, as a range claim
+/// reads them: loaded straight from the statement on the connection's thread (a load through
+/// the async wrapper copies every row into an owned row first).
+async fn items_from(c: &mut Conn, batch_id: String, from: i32, limit: usize) -> Result<Vec<FreshRow>, StoreError> {
+    Ok(c.spawn_blocking(move |conn| {
+        let query = items::table
+            .filter(items::batch_id.eq(&batch_id))
+            .filter(items::item_index.ge(from))
+            .order(items::item_index.asc())
+            .limit(limit as i64)
+            .select(FreshRow::as_select());
+        diesel::RunQueryDsl::load(query, conn)
+    })
+    .await?)
+}
+
+/// These lease rows, the same way.
+async fn leases_of(c: &mut Conn, ids: Vec<i64>) -> Result<Vec<LeaseRow>, StoreError> {
+    Ok(c.spawn_blocking(move |conn| {
+        let mut rows = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = leases::table.find(id).select(LeaseRow::as_select());
+            rows.extend(diesel::RunQueryDsl::first(row, conn).optional()?);
+        }
+        Ok(rows)
+    })
+    .await?)
+}
+
 /// These batch rows, the same way.
 async fn lock_batch_rows(c: &mut Conn, ids: Vec<String>) -> Result<Vec<BatchRow>, StoreError> {
     Ok(c.spawn_blocking(move |conn| {
@@ -496,6 +586,7 @@ pub struct SqliteStore {
     writer: std::sync::Arc<Mutex<Conn>>,
     readers: Pool<Conn>,
     notifier: Notifier,
+    checkpointer: std::sync::Arc<Checkpointer>,
     clock: Clock,
     max_error_chars: usize,
 }
@@ -509,17 +600,74 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 /// Per-connection settings: WAL (persistent), full sync so a commit survives power loss,
-/// foreign keys on, and a busy timeout as a backstop behind the single writer.
+/// foreign keys on, a busy timeout as a backstop behind the single writer, and checkpoints
+/// left to the [`Checkpointer`] (a commit checkpoints by itself only once the WAL has grown
+/// past `CHECKPOINT_BACKSTOP_PAGES`, should the checkpointer fall that far behind).
 fn configure(conn: &mut SqliteConnection) -> QueryResult<()> {
     for pragma in [
         "PRAGMA journal_mode = WAL",
         "PRAGMA synchronous = FULL",
         "PRAGMA foreign_keys = ON",
         "PRAGMA busy_timeout = 10000",
+        CHECKPOINT_BACKSTOP,
     ] {
         diesel::RunQueryDsl::execute(diesel::sql_query(pragma), conn)?;
     }
     Ok(())
+}
+
+/// See [`configure`]: 16,384 pages of 4 KiB, 64 MiB of WAL.
+const CHECKPOINT_BACKSTOP: &str = "PRAGMA wal_autocheckpoint = 16384";
+
+/// How long the checkpointer lets commits gather before it copies them into the database.
+const CHECKPOINT_DELAY: Duration = Duration::from_millis(50);
+
+/// Copies committed pages from the WAL back into the database file on a connection of its
+/// own, woken after commits, so that work (and its fsync of the database file) is not done
+/// by the writer while it holds the write lock, as SQLite's automatic checkpoints do. A
+/// passive checkpoint never waits for readers or the writer; whatever it cannot copy yet,
+/// the next one does. Stopped when the last clone of the store is dropped.
+#[derive(Debug)]
+struct Checkpointer {
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    fn start(path: String) -> Self {
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(checkpoint_after_commits(path, wake.clone()));
+        Self { wake, task }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn checkpoint_after_commits(path: String, wake: std::sync::Arc<tokio::sync::Notify>) {
+    let mut conn: Option<SqliteConnection> = None;
+    loop {
+        wake.notified().await;
+        tokio::time::sleep(CHECKPOINT_DELAY).await;
+        let (open_conn, path) = (conn.take(), path.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            let mut c = match open_conn {
+                Some(c) => c,
+                None => open(&path)?,
+            };
+            diesel::connection::SimpleConnection::batch_execute(&mut c, "PRAGMA wal_checkpoint(PASSIVE)")?;
+            Ok::<_, StoreError>(c)
+        })
+        .await;
+        match done {
+            Ok(Ok(c)) => conn = Some(c),
+            Ok(Err(e)) => tracing::warn!(error = %e, "a WAL checkpoint failed; the next commit retries it"),
+            Err(e) => tracing::warn!(error = %e, "the WAL checkpoint task stopped"),
+        }
+    }
 }
 
 fn open(path: &str) -> Result<SqliteConnection, StoreError> {
@@ -566,7 +714,7 @@ impl SqliteStore {
                 .map_err(|e| ConnectionError::BadConnection(e.to_string()))?
             })
         });
-        let manager = AsyncDieselConnectionManager::<Conn>::new_with_config(path_str, config);
+        let manager = AsyncDieselConnectionManager::<Conn>::new_with_config(path_str.clone(), config);
         let readers = Pool::builder(manager)
             .max_size(options.max_connections.max(1))
             .wait_timeout(Some(Duration::from_secs(30)))
@@ -578,6 +726,7 @@ impl SqliteStore {
             writer: std::sync::Arc::new(Mutex::new(SyncConnectionWrapper::new(writer))),
             readers,
             notifier: Notifier::new(),
+            checkpointer: std::sync::Arc::new(Checkpointer::start(path_str.clone())),
             clock: options.clock,
             max_error_chars: 1_000,
         };
@@ -645,6 +794,7 @@ impl SqliteStore {
 
     fn after_commit(&self, notices: Vec<Notice>) {
         self.notifier.publish(notices);
+        self.checkpointer.wake.notify_one();
     }
 
     async fn run_migrations(&self) -> Result<usize, StoreError> {
@@ -673,3 +823,26 @@ impl SqliteStore {
 }
 
 include!("common.rs");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_bound_as_text_read_as_diesel_writes_them() {
+        use diesel::sql_types::{Text, TimestamptzSqlite};
+        let mut conn = SqliteConnection::establish(":memory:").expect("an in-memory database");
+        for t in [
+            time::macros::datetime!(2026-12-06 04:00:00 UTC),
+            time::macros::datetime!(2026-12-06 04:00:00.123456 UTC),
+            time::macros::datetime!(2026-12-06 05:00:00.5 +01:00),
+        ] {
+            let written: String = diesel::RunQueryDsl::get_result(
+                diesel::select(diesel::dsl::sql::<Text>("").bind::<TimestamptzSqlite, _>(t)),
+                &mut conn,
+            )
+            .expect("select a bound time");
+            assert_eq!(sqlite_time(t), written);
+        }
+    }
+}

@@ -380,7 +380,8 @@ async fn events_page_after_a_sequence_number(f: Fixture) {
     assert_eq!(f.batch(&b.id).await.last_event_seq, all.len() as i64);
 }
 
-/// A claim of many items writes their events in a few runs: pages cut them anywhere.
+/// A claim of many items writes their events in a few runs, the like events of consecutive
+/// items stored together: pages cut them anywhere, and every event names its own item.
 async fn events_page_across_the_runs_they_are_stored_in(f: Fixture) {
     let (b, _) = f.submit(batch("default", 150)).await;
     let claimed = f.claim("default", 150).await;
@@ -389,6 +390,21 @@ async fn events_page_across_the_runs_they_are_stored_in(f: Fixture) {
     let all = f.store.read_events(Scope::All, &b.id, 0, 1_000).await.expect("events");
     // created, started, 150 items started and completed, completed.
     assert_eq!(all.len(), 303);
+    let ids: std::collections::HashMap<i32, &str> = claimed.iter().map(|c| (c.index, c.id.as_str())).collect();
+    for e in all.iter().filter(|e| e.event_type.to_string().starts_with("item.")) {
+        let index = e.item_index.expect("an item event names its item's index");
+        assert_eq!(
+            e.item_id.as_deref(),
+            ids.get(&index).copied(),
+            "event {} names its own item",
+            e.seq
+        );
+    }
+    let runs = f.db.count_batch_rows("event_runs", &b.id).await;
+    assert!(
+        runs <= 4,
+        "303 events of one claim and one group of completions took {runs} runs"
+    );
     assert_eq!(
         all.iter().map(|e| e.seq).collect::<Vec<_>>(),
         (1..=303).collect::<Vec<i64>>()
