@@ -20,10 +20,11 @@ use tokio_util::task::TaskTracker;
 use crate::handler::{BatchContext, BatchInfo, Completion, Handler, HandlerError, HandlerRegistry, ItemContext, Retry};
 use crate::limiter::TokenBucket;
 
-/// Items claimed per claim at most. A claim holds that many of the node's slots
-/// (`executor.max_running`, shared by every queue) while it runs, so it stays well below
-/// the node's limit.
-const MAX_CLAIM: usize = 100;
+/// Items claimed per claim at most: a claim is one transaction, and each costs about as much
+/// as a hundred items' results, so the more a claim takes the cheaper each item. A queue
+/// that finds the node's slots (`executor.max_running`, shared by every queue) all taken
+/// waits for any queue's item to end, not only its own (see [`Inner::node_slot_freed`]).
+const MAX_CLAIM: usize = 256;
 /// While a queue has items running, it claims again only once this share of its slots
 /// (at most `MAX_CLAIM`) is free: one claim of many items instead of many claims of one,
 /// each its own transaction, as slots free up one by one.
@@ -143,6 +144,7 @@ impl Executor {
             running: Mutex::new(HashMap::new()),
             contexts: tokio::sync::Mutex::new(HashMap::new()),
             writes,
+            node_slot_freed: Arc::new(Notify::new()),
             stop_claiming: CancellationToken::new(),
             release_now: CancellationToken::new(),
             items: TaskTracker::new(),
@@ -221,6 +223,9 @@ struct Inner {
     contexts: tokio::sync::Mutex<HashMap<String, OpenContext>>,
     /// To the writer: results to record and claims to make.
     writes: mpsc::UnboundedSender<Write>,
+    /// Told whenever an item gives its slot back: wakes the claim loops that found the node's
+    /// slots all taken by other queues.
+    node_slot_freed: Arc<Notify>,
     stop_claiming: CancellationToken,
     release_now: CancellationToken,
     items: TaskTracker,
@@ -269,10 +274,21 @@ async fn claim_loop(inner: Arc<Inner>, queue: QueueConfig, handler: Arc<dyn Hand
         if inner.stop_claiming.is_cancelled() {
             return;
         }
+        // Registered before the slots are counted, so a slot freed after the count still wakes
+        // this loop.
+        let node_freed = inner.node_slot_freed.notified();
+        tokio::pin!(node_freed);
+        node_freed.as_mut().enable();
         let free = slots.available_permits();
+        let room = free.min(inner.global.available_permits()).min(MAX_CLAIM);
+        // A queue with items running claims again once enough slots are free for a claim
+        // worth its transaction; an idle one claims whatever it can at once.
         let busy = free < queue.concurrency;
-        let mut permits = Vec::new();
-        while permits.len() < MAX_CLAIM && (!busy || free >= refill) {
+        let take = if !busy || room >= refill { room } else { 0 };
+        // It would claim but for the node's slots, which other queues hold.
+        let starved = take == 0 && free >= if busy { refill } else { 1 };
+        let mut permits = Vec::with_capacity(take);
+        while permits.len() < take {
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 break;
             };
@@ -308,6 +324,7 @@ async fn claim_loop(inner: Arc<Inner>, queue: QueueConfig, handler: Arc<dyn Hand
                         let slot = Slot {
                             permits: Some(permits),
                             freed: slot_freed.clone(),
+                            node_freed: inner.node_slot_freed.clone(),
                         };
                         start_item(&inner, &queue, &handler, item, slot);
                     }
@@ -327,7 +344,11 @@ async fn claim_loop(inner: Arc<Inner>, queue: QueueConfig, handler: Arc<dyn Hand
                 }
             }
         }
-        drop(permits);
+        if !permits.is_empty() {
+            // Slots held for items the claim did not find: other queues may be waiting for them.
+            drop(permits);
+            inner.node_slot_freed.notify_waiters();
+        }
         if more {
             continue;
         }
@@ -344,6 +365,7 @@ async fn claim_loop(inner: Arc<Inner>, queue: QueueConfig, handler: Arc<dyn Hand
                 () = inner.stop_claiming.cancelled() => return,
                 () = &mut deadline => break,
                 () = slot_freed.notified() => break,
+                () = &mut node_freed, if starved => break,
                 notice = notices.recv() => {
                     if matches!(notice, Err(broadcast::error::RecvError::Closed)) {
                         return;
@@ -363,14 +385,16 @@ async fn claim_loop(inner: Arc<Inner>, queue: QueueConfig, handler: Arc<dyn Hand
 struct Slot {
     permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
     freed: Arc<Notify>,
+    node_freed: Arc<Notify>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        // The permits go back before the claim loop is told, or it could wake, find no
+        // The permits go back before the claim loops are told, or one could wake, find no
         // free slot, and sleep until the next poll.
         drop(self.permits.take());
         self.freed.notify_one();
+        self.node_freed.notify_waiters();
     }
 }
 
@@ -618,6 +642,7 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Write>) {
         let (mut finishes, mut finish_replies, mut claims, mut claim_replies) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut next = Some(first);
+        let mut yielded = false;
         while let Some(write) = next.take() {
             match write {
                 Write::Finish(finish, reply) => {
@@ -631,6 +656,13 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Write>) {
             }
             if finishes.len() < MAX_FINISH_GROUP {
                 next = rx.try_recv().ok();
+                if next.is_none() && !yielded {
+                    // The results just taken freed slots, whose claim loops are about to ask
+                    // for more: let them, so their claims share this transaction.
+                    yielded = true;
+                    tokio::task::yield_now().await;
+                    next = rx.try_recv().ok();
+                }
             }
         }
         let started = tokio::time::Instant::now();

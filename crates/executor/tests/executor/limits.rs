@@ -18,6 +18,7 @@ both_backends!(
     a_timed_out_attempt_fails_and_is_retried,
     retry_delays_follow_the_policy,
     a_panic_is_a_failure,
+    a_queue_kept_out_by_another_starts_once_it_frees_the_node,
 );
 
 /// Sleeps a little and records how many items ran at once.
@@ -226,5 +227,51 @@ async fn a_panic_is_a_failure(backend: Backend) {
         "{:?}",
         item.error
     );
+    h.shutdown().await;
+}
+
+/// Waits at a gate the test opens.
+#[derive(Clone)]
+struct Gated {
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait]
+impl Handler for Gated {
+    async fn run(&self, _item: ItemContext) -> Result<Completion, HandlerError> {
+        let _pass = self
+            .gate
+            .acquire()
+            .await
+            .map_err(|e| HandlerError::permanent(e.to_string()))?;
+        Ok(Completion::Completed(json!(null)))
+    }
+}
+
+/// One queue holds every slot of the node; another queue's item waits, and starts once the
+/// first queue's items end. The pool's fallback poll is an hour: only the wake-up of a freed
+/// slot can start it.
+async fn a_queue_kept_out_by_another_starts_once_it_frees_the_node(backend: Backend) {
+    let Some(mut h) = Harness::open(backend).await else {
+        return;
+    };
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let mut registry = crate::support::demo();
+    registry.register("gated", Gated { gate: gate.clone() });
+    h.start(
+        registry,
+        vec![queue("hog", "gated", 4), queue("small", "demo", 1)],
+        |config| {
+            config.max_running = 4;
+            config.poll_interval = Duration::from_secs(3_600);
+        },
+    );
+    let (hog, _) = h.submit("hog", Mode::Parallel, vec![json!({}); 4]).await;
+    h.wait_until(&hog, "4 items running", |b| b.counts.running == 4).await;
+    let (small, _) = h.submit("small", Mode::Parallel, vec![json!({})]).await;
+    assert_eq!(h.batch(&small).await.counts.pending, 1, "no slot of the node is free");
+    gate.add_permits(4);
+    assert_eq!(h.wait_until_ended(&hog).await.counts.completed, 4);
+    assert_eq!(h.wait_until_ended(&small).await.counts.completed, 1);
     h.shutdown().await;
 }
