@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use batchd_domain::{BatchStatus, ItemSettings, ItemStatus, JsonMap, Mode, merge_config};
 use batchd_storage::{
-    ClaimRequest, ClaimedItem, Finish, FinishResult, LeaseState, Notice, Outcome, Scope, Store, StoreError,
+    ClaimRequest, ClaimedItem, Finish, FinishResult, FirstPhaseDone, LeaseState, Notice, Outcome, Scope, Store,
+    StoreError, Turn,
 };
 use futures_util::FutureExt;
 use serde_json::Value;
@@ -31,6 +32,9 @@ const MAX_CLAIM: usize = 256;
 const REFILL_DIVISOR: usize = 4;
 /// Results written per group commit at most.
 const MAX_FINISH_GROUP: usize = 500;
+/// How many times the writer lets other tasks run, while forming a group, for the claims
+/// that the group's results are about to cause.
+const GATHER_YIELDS: usize = 3;
 /// How long a handler may go on after its item was cancelled before it is abandoned.
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
 
@@ -633,75 +637,121 @@ enum Write {
     Claim(ClaimRequest, oneshot::Sender<Result<Vec<ClaimedItem>, String>>),
 }
 
-/// Writes results and claims in group commits: whatever is waiting when a commit ends goes
-/// into the next one, results first, then the claims that reuse their slots, in one
-/// transaction. A failed commit is retried a few times for its results (its claims answer
-/// the error) before their items are left to their leases.
-async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Write>) {
-    while let Some(first) = rx.recv().await {
-        let (mut finishes, mut finish_replies, mut claims, mut claim_replies) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut next = Some(first);
-        let mut yielded = false;
-        while let Some(write) = next.take() {
-            match write {
-                Write::Finish(finish, reply) => {
-                    finishes.push(finish);
-                    finish_replies.push(reply);
-                }
-                Write::Claim(request, reply) => {
-                    claims.push(request);
-                    claim_replies.push(reply);
-                }
+/// Results and claims that go into one transaction, with whom to answer.
+#[derive(Default)]
+struct Group {
+    finishes: Vec<Finish>,
+    finish_replies: Vec<oneshot::Sender<Result<FinishResult, String>>>,
+    claims: Vec<ClaimRequest>,
+    claim_replies: Vec<oneshot::Sender<Result<Vec<ClaimedItem>, String>>>,
+}
+
+impl Group {
+    fn add(&mut self, write: Write) {
+        match write {
+            Write::Finish(finish, reply) => {
+                self.finishes.push(finish);
+                self.finish_replies.push(reply);
             }
-            if finishes.len() < MAX_FINISH_GROUP {
+            Write::Claim(request, reply) => {
+                self.claims.push(request);
+                self.claim_replies.push(reply);
+            }
+        }
+    }
+}
+
+/// Writes results and claims in group commits: whatever is waiting when a transaction can
+/// start goes into it, results first, then the claims that reuse their slots. As many
+/// groups run at once as the store finds worth it (`Store::group_overlap`), each in the
+/// turn it was formed in, so they commit in that order. A failed commit is retried a few
+/// times for its results (its claims answer the error) before their items are left to their
+/// leases.
+async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Write>) {
+    let in_flight = Arc::new(Semaphore::new(store.group_overlap().max(1)));
+    let groups = TaskTracker::new();
+    let mut previous: Option<FirstPhaseDone> = None;
+    while let Some(first) = rx.recv().await {
+        // While as many groups as are worth it are in flight, or the last one is still in its
+        // first phase, what arrives joins this one.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        if let Some(previous) = previous.take() {
+            previous.await;
+        }
+        let mut group = Group::default();
+        let mut next = Some(first);
+        let mut yields = 0;
+        while let Some(write) = next.take() {
+            group.add(write);
+            if group.finishes.len() < MAX_FINISH_GROUP {
                 next = rx.try_recv().ok();
-                if next.is_none() && !yielded {
+                while next.is_none() && yields < GATHER_YIELDS {
                     // The results just taken freed slots, whose claim loops are about to ask
                     // for more: let them, so their claims share this transaction.
-                    yielded = true;
+                    yields += 1;
                     tokio::task::yield_now().await;
                     next = rx.try_recv().ok();
                 }
             }
         }
-        let started = tokio::time::Instant::now();
-        let wanted: usize = claims.iter().map(|c| c.max_items).sum();
-        let outcome = store.finish_and_claim(finishes.clone(), claims).await;
-        let results = match outcome {
-            Ok((results, claimed)) => {
-                tracing::debug!(
-                    results = finishes.len(),
-                    wanted,
-                    claimed = claimed.iter().map(Vec::len).sum::<usize>(),
-                    elapsed_us = started.elapsed().as_micros() as u64,
-                    "group commit"
-                );
-                for (reply, items) in claim_replies.into_iter().zip(claimed) {
-                    let _ = reply.send(Ok(items));
-                }
-                Ok(results)
+        let mut turn = store.group_turn();
+        previous = Some(turn.first_phase_done());
+        let store = store.clone();
+        groups.spawn(async move {
+            write_group(&store, turn, group).await;
+            drop(permit);
+        });
+    }
+    groups.close();
+    groups.wait().await;
+}
+
+/// Writes one group in its turn and answers everyone in it.
+async fn write_group(store: &Arc<dyn Store>, turn: Turn, group: Group) {
+    let Group {
+        finishes,
+        finish_replies,
+        claims,
+        claim_replies,
+    } = group;
+    let started = tokio::time::Instant::now();
+    let wanted: usize = claims.iter().map(|c| c.max_items).sum();
+    let outcome = store.finish_and_claim_in_turn(turn, finishes.clone(), claims).await;
+    let results = match outcome {
+        Ok((results, claimed)) => {
+            tracing::debug!(
+                results = finishes.len(),
+                wanted,
+                claimed = claimed.iter().map(Vec::len).sum::<usize>(),
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "group commit"
+            );
+            for (reply, items) in claim_replies.into_iter().zip(claimed) {
+                let _ = reply.send(Ok(items));
             }
-            Err(e) => {
-                for reply in claim_replies {
-                    let _ = reply.send(Err(e.to_string()));
-                }
-                if finishes.is_empty() {
-                    continue;
-                }
-                retry_finish(&store, &finishes, e).await
+            Ok(results)
+        }
+        Err(e) => {
+            for reply in claim_replies {
+                let _ = reply.send(Err(e.to_string()));
             }
-        };
-        match results {
-            Ok(results) => {
-                for (reply, result) in finish_replies.into_iter().zip(results) {
-                    let _ = reply.send(Ok(result));
-                }
+            if finishes.is_empty() {
+                return;
             }
-            Err(e) => {
-                for reply in finish_replies {
-                    let _ = reply.send(Err(e.to_string()));
-                }
+            retry_finish(store, &finishes, e).await
+        }
+    };
+    match results {
+        Ok(results) => {
+            for (reply, result) in finish_replies.into_iter().zip(results) {
+                let _ = reply.send(Ok(result));
+            }
+        }
+        Err(e) => {
+            for reply in finish_replies {
+                let _ = reply.send(Err(e.to_string()));
             }
         }
     }

@@ -11,7 +11,9 @@
 // - `save_items`, `insert_items`, `insert_event_runs`, `complete_fresh`, `complete_own`,
 //   `delete_entries`, `lock_end_rows_by_id`, `lock_batch_rows`, `leases_of`, `items_from`
 //   and `next_batch_seq`: the statements of the hot path, in each backend's best form;
-// - `Self::notify_in_tx(c, &notices)` and `Self::after_commit(notices)`.
+// - `Self::notify_in_tx(c, &notices)` and `Self::after_commit(notices)`;
+// - `self.turn()`, the commit order of group transactions (`crate::order`), and
+//   `self.insert_turn()`, held while a batch's items are inserted.
 //
 // How items are claimed (migration 2026-12-04-000004_range_claims has the long version): a
 // parallel batch is claimed through its cursor, `next_index`, in ranges that write one lease
@@ -2659,7 +2661,10 @@ impl crate::Store for ThisStore {
 
     async fn create_batch(&self, batch: NewBatch) -> Result<CreateOutcome, StoreError> {
         let now = self.now();
+        // Shared with the second attempt, not copied: a batch holds up to 10,000 inputs.
+        let batch = Arc::new(batch);
         let again = batch.clone();
+        let _one_at_a_time = self.insert_turn().await;
         let attempt = self.write(move |c| Box::pin(async move { Self::create_in_tx(c, &batch, now).await })).await;
         match attempt {
             // Two requests with one idempotency key raced: the loser now finds the winner.
@@ -3030,108 +3035,134 @@ impl crate::Store for ThisStore {
         Ok(results)
     }
 
-    async fn finish_and_claim(
+    fn group_overlap(&self) -> usize {
+        GROUP_OVERLAP
+    }
+
+    fn group_turn(&self) -> crate::Turn {
+        self.turn()
+    }
+
+    async fn finish_and_claim_in_turn(
         &self,
+        mut turn: crate::Turn,
         finishes: Vec<Finish>,
         claims: Vec<ClaimRequest>,
     ) -> Result<(Vec<FinishResult>, Vec<Vec<ClaimedItem>>), StoreError> {
         if finishes.is_empty() && claims.iter().all(|r| r.max_items == 0) {
             return Ok((Vec::new(), claims.iter().map(|_| Vec::new()).collect()));
         }
+        if GROUP_OVERLAP == 1 {
+            // Write transactions run one at a time here: this one begins once the group before
+            // it has ended, so groups keep their turns however their tasks are scheduled.
+            turn.after_previous().await?;
+        }
         let now = self.now();
         let max_error_chars = self.max_error_chars;
-        self.write(move |c| {
-            Box::pin(async move {
-                // Lock order (see the top of this file): completions write (and so lock) their
-                // rows first, then the other finished items' rows are locked; the claims'
-                // queue entries (skipping those other transactions hold) and their items' rows;
-                // then every batch row involved, in id order.
-                let fast = complete_fast(c, &finishes, now).await?;
-                let mut rows = lock_end_rows(
-                    c,
-                    finishes.iter().enumerate().filter(|(pos, _)| !fast.contains_key(pos)).map(|(_, f)| f.item_id.as_str()),
-                )
-                .await?;
-                // Per claim: whether its queue is paused and both kinds of candidates, read
-                // together (pipelined on PostgreSQL); a paused queue's are dropped.
-                let mut entries: Vec<Vec<EntryRow>> = Vec::with_capacity(claims.len());
-                let mut cursors = Vec::with_capacity(claims.len());
-                for request in &claims {
-                    if request.max_items == 0 {
-                        entries.push(Vec::new());
-                        cursors.push(Vec::new());
-                        continue;
+        let (results, claimed, turn) = self
+            .write(move |c| {
+                Box::pin(async move {
+                    // First phase (see `crate::order`): the completions write (and so lock)
+                    // their own rows, and per claim whether its queue is paused and both kinds
+                    // of candidates are read, together (pipelined on PostgreSQL); a paused
+                    // queue's are dropped. Candidate queue entries are locked skipping those
+                    // other transactions hold.
+                    let fast = complete_fast(c, &finishes, now).await?;
+                    let mut entries: Vec<Vec<EntryRow>> = Vec::with_capacity(claims.len());
+                    let mut cursors = Vec::with_capacity(claims.len());
+                    for request in &claims {
+                        if request.max_items == 0 {
+                            entries.push(Vec::new());
+                            cursors.push(Vec::new());
+                            continue;
+                        }
+                        let taken: HashSet<i64> = entries.iter().flatten().map(|e| e.item_seq).collect();
+                        let (paused, found, at_cursors) = joined!(c =>
+                            queue_paused(c, &request.queue).await?,
+                            entry_candidates(c, request, &taken, now).await?,
+                            range_candidates(c, request, now).await?,
+                        );
+                        entries.push(if paused { Vec::new() } else { found });
+                        cursors.push(if paused { Vec::new() } else { at_cursors });
                     }
-                    let taken: HashSet<i64> = entries.iter().flatten().map(|e| e.item_seq).collect();
-                    let (paused, found, at_cursors) = joined!(c =>
-                        queue_paused(c, &request.queue).await?,
-                        entry_candidates(c, request, &taken, now).await?,
-                        range_candidates(c, request, now).await?,
-                    );
-                    entries.push(if paused { Vec::new() } else { found });
-                    cursors.push(if paused { Vec::new() } else { at_cursors });
-                }
-                let entry_seqs: Vec<i64> = entries.iter().flatten().map(|e| e.item_seq).collect();
-                let mut entry_rows: HashMap<i64, ItemRow> = HashMap::with_capacity(entry_seqs.len());
-                for chunk in entry_seqs.chunks(INSERT_CHUNK) {
-                    let found: Vec<ItemRow> = locked!(
-                        items::table
-                            .filter(items::seq.eq_any(chunk))
-                            .order(items::seq.asc())
-                            .select(ItemRow::as_select())
+                    // Second phase, once the group before has finished its own. Lock order
+                    // (see the top of this file): the other finished items' rows and the
+                    // claimed entries' items' rows, then every batch row involved, in id order.
+                    turn.second_phase().await?;
+                    let mut rows = lock_end_rows(
+                        c,
+                        finishes
+                            .iter()
+                            .enumerate()
+                            .filter(|(pos, _)| !fast.contains_key(pos))
+                            .map(|(_, f)| f.item_id.as_str()),
                     )
-                    .load(c)
                     .await?;
-                    entry_rows.extend(found.into_iter().map(|r| (r.seq, r)));
-                }
-                let mut touched = lock_batches(
-                    c,
-                    fast.values()
-                        .map(|done| done.batch_id().to_owned())
-                        .chain(rows.values().map(|r| r.batch_id.clone()))
-                        .chain(entries.iter().flatten().map(|e| e.batch_id.clone()))
-                        .chain(cursors.iter().flatten().map(|(id, _, _)| id.clone())),
-                )
-                .await?;
-                // The range leases that the other finishes name.
-                let leases = leases_by_id(
-                    c,
-                    finishes
-                        .iter()
-                        .enumerate()
-                        .filter(|(pos, _)| !fast.contains_key(pos))
-                        .filter_map(|(_, f)| Some(parse_range_token(&f.lease_token)?.0))
-                        .collect(),
-                )
-                .await?;
-                let mut failed_now = HashSet::new();
-                let (results, mut changed) = apply_finishes(
-                    c,
-                    finishes,
-                    fast,
-                    &mut rows,
-                    &mut touched,
-                    &leases,
-                    &mut failed_now,
-                    max_error_chars,
-                    now,
-                )
-                .await?;
-                let mut claimed_out = Vec::with_capacity(claims.len());
-                for ((request, entries), cursors) in claims.iter().zip(entries).zip(cursors) {
-                    let (claimed, items) =
-                        claim_for(c, request, entries, &mut entry_rows, cursors, &mut touched, &failed_now, now)
-                            .await?;
-                    claimed_out.push(claimed);
-                    changed.extend(items);
-                }
-                // Entries found but not claimed stay; their rows were only locked.
-                save_items(c, changed).await?;
-                let notices = save_batches(c, &mut touched, now).await?;
-                Ok(((results, claimed_out), notices))
+                    let entry_seqs: Vec<i64> = entries.iter().flatten().map(|e| e.item_seq).collect();
+                    let mut entry_rows: HashMap<i64, ItemRow> = HashMap::with_capacity(entry_seqs.len());
+                    for chunk in entry_seqs.chunks(INSERT_CHUNK) {
+                        let found: Vec<ItemRow> = locked!(
+                            items::table
+                                .filter(items::seq.eq_any(chunk))
+                                .order(items::seq.asc())
+                                .select(ItemRow::as_select())
+                        )
+                        .load(c)
+                        .await?;
+                        entry_rows.extend(found.into_iter().map(|r| (r.seq, r)));
+                    }
+                    let mut touched = lock_batches(
+                        c,
+                        fast.values()
+                            .map(|done| done.batch_id().to_owned())
+                            .chain(rows.values().map(|r| r.batch_id.clone()))
+                            .chain(entries.iter().flatten().map(|e| e.batch_id.clone()))
+                            .chain(cursors.iter().flatten().map(|(id, _, _)| id.clone())),
+                    )
+                    .await?;
+                    // The range leases that the other finishes name.
+                    let leases = leases_by_id(
+                        c,
+                        finishes
+                            .iter()
+                            .enumerate()
+                            .filter(|(pos, _)| !fast.contains_key(pos))
+                            .filter_map(|(_, f)| Some(parse_range_token(&f.lease_token)?.0))
+                            .collect(),
+                    )
+                    .await?;
+                    let mut failed_now = HashSet::new();
+                    let (results, mut changed) = apply_finishes(
+                        c,
+                        finishes,
+                        fast,
+                        &mut rows,
+                        &mut touched,
+                        &leases,
+                        &mut failed_now,
+                        max_error_chars,
+                        now,
+                    )
+                    .await?;
+                    let mut claimed_out = Vec::with_capacity(claims.len());
+                    for ((request, entries), cursors) in claims.iter().zip(entries).zip(cursors) {
+                        let (claimed, items) =
+                            claim_for(c, request, entries, &mut entry_rows, cursors, &mut touched, &failed_now, now)
+                                .await?;
+                        claimed_out.push(claimed);
+                        changed.extend(items);
+                    }
+                    // Entries found but not claimed stay; their rows were only locked.
+                    save_items(c, changed).await?;
+                    let notices = save_batches(c, &mut touched, now).await?;
+                    turn.commit().await?;
+                    // The turn ends once this transaction has (it goes back with the answer).
+                    Ok(((results, claimed_out, turn), notices))
+                })
             })
-        })
-        .await
+            .await?;
+        drop(turn);
+        Ok((results, claimed))
     }
 
     async fn requeue_expired_leases(&self) -> Result<usize, StoreError> {

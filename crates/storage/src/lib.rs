@@ -3,6 +3,7 @@
 mod error;
 mod model;
 mod notify;
+mod order;
 mod pg;
 pub mod scratch;
 mod sqlite;
@@ -21,6 +22,7 @@ use tokio::sync::broadcast;
 pub use error::StoreError;
 pub use model::*;
 pub use notify::Notice;
+pub use order::{FirstPhaseDone, Turn};
 pub use pg::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -188,9 +190,33 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// `finish` and then `claim` for each request, in one transaction: one commit both
     /// ends attempts and starts the next ones. The claims see the finishes (a batch this
     /// group failed gives nothing); the answer holds a list of claimed items per request,
-    /// in request order.
+    /// in request order. It keeps no order with other calls; a writer that overlaps its
+    /// groups uses `finish_and_claim_in_turn`.
     async fn finish_and_claim(
         &self,
+        finishes: Vec<Finish>,
+        claims: Vec<ClaimRequest>,
+    ) -> Result<(Vec<FinishResult>, Vec<Vec<ClaimedItem>>), StoreError> {
+        self.finish_and_claim_in_turn(Turn::unordered(), finishes, claims).await
+    }
+
+    /// How many `finish_and_claim` transactions are worth running at once: 1 where write
+    /// transactions run one at a time anyway (SQLite), more where the next one's work can
+    /// overlap the previous one's (PostgreSQL).
+    fn group_overlap(&self) -> usize {
+        1
+    }
+
+    /// The next place in the commit order of `finish_and_claim` transactions. Take turns in
+    /// the order the groups are formed; each group's transaction then locks batch rows and
+    /// commits after the groups with earlier turns (a claim never commits before the results
+    /// that freed its slots), while its own completions may be written meanwhile.
+    fn group_turn(&self) -> Turn;
+
+    /// `finish_and_claim` in a turn taken with `group_turn`.
+    async fn finish_and_claim_in_turn(
+        &self,
+        turn: Turn,
         finishes: Vec<Finish>,
         claims: Vec<ClaimRequest>,
     ) -> Result<(Vec<FinishResult>, Vec<Vec<ClaimedItem>>), StoreError>;

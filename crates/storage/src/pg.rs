@@ -19,6 +19,17 @@ use crate::{Clock, StoreOptions};
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/postgres");
 const BACKEND: &str = "postgres";
+/// Group transactions in flight at once: the next one's completions are written while the
+/// one before locks, writes and commits (see `crate::order`).
+const GROUP_OVERLAP: usize = 2;
+/// Batches this instance inserts at once. New item rows all go to the right edge of the same
+/// indexes and to the end of the table, and transactions doing that together wait on each
+/// other's page locks and on extending the table: with four at once an item row took
+/// 22.5 µs of the server's time, with one 8.3 µs (`pg_stat_statements`). With at most two at
+/// once, `batchd bench` on 2 cores submitted 87,000–92,000 items/s and ran 24,500–25,700
+/// end to end, against 94,000–102,000 and 21,700–23,800 with no limit, and 69,000 and
+/// 24,600–26,300 with one.
+const CONCURRENT_INSERTS: usize = 2;
 
 /// Queue entries that may be claimed, in the words of the `queue_entries_claim` index's
 /// condition.
@@ -462,6 +473,8 @@ pub struct PgStore {
     clock: Clock,
     max_error_chars: usize,
     listener: Arc<ListenerTask>,
+    commit_order: Arc<crate::order::CommitOrder>,
+    inserts: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -511,11 +524,23 @@ impl PgStore {
             clock: options.clock,
             max_error_chars: 1_000,
             listener,
+            commit_order: Arc::default(),
+            inserts: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_INSERTS)),
         };
         if options.migrate {
             store.run_migrations().await?;
         }
         Ok(store)
+    }
+
+    /// The next group transaction's turn.
+    fn turn(&self) -> crate::Turn {
+        self.commit_order.turn()
+    }
+
+    /// Held while a batch's items are inserted (see [`CONCURRENT_INSERTS`]).
+    async fn insert_turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.inserts.acquire().await.ok()
     }
 
     async fn read_conn(&self) -> Result<Object<AsyncPgConnection>, StoreError> {

@@ -6,6 +6,7 @@
 mod schema;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use diesel::Connection;
 use diesel::connection::AnsiTransactionManager;
@@ -22,6 +23,9 @@ use crate::{Clock, StoreOptions};
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/sqlite");
 const BACKEND: &str = "sqlite";
+/// Write transactions run one at a time here: a second group in flight would only wait, and
+/// groups run whole in turn order (see `finish_and_claim_in_turn`).
+const GROUP_OVERLAP: usize = 1;
 
 /// Queue entries that may be claimed, in the words of the `queue_entries_claim` index's
 /// condition.
@@ -179,9 +183,121 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for SaveItem<'
 }
 
 /// Inserts a batch's new items, all in one trip, in statements of a few fixed sizes (see
-/// [`FixedInsert`]).
+/// [`ItemsInsert`]).
 async fn insert_items(c: &mut Conn, rows: Vec<NewItemRow>) -> Result<(), StoreError> {
-    insert_fixed(c, rows).await
+    if rows.is_empty() {
+        return Ok(());
+    }
+    c.spawn_blocking(move |conn| {
+        let times = ItemTimes::of(&rows);
+        let mut rest = rows.as_slice();
+        while !rest.is_empty() {
+            rest = match rest.len() {
+                64.. => insert_items_first::<64>(conn, rest, &times)?,
+                8.. => insert_items_first::<8>(conn, rest, &times)?,
+                _ => insert_items_first::<1>(conn, rest, &times)?,
+            };
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// Inserts the first `N` of `rows`; returns the rest.
+fn insert_items_first<'a, const N: usize>(
+    conn: &mut SqliteConnection,
+    rows: &'a [NewItemRow],
+    times: &ItemTimes,
+) -> QueryResult<&'a [NewItemRow]> {
+    let (head, rest) = rows.split_at(N);
+    diesel::RunQueryDsl::execute(ItemsInsert::<N> { rows: head, times }, conn)?;
+    Ok(rest)
+}
+
+/// The times of a batch's new items as text, each distinct time formatted once (a batch's
+/// items all share one).
+struct ItemTimes(Vec<(OffsetDateTime, String)>);
+
+impl ItemTimes {
+    fn of(rows: &[NewItemRow]) -> Self {
+        let mut texts: Vec<(OffsetDateTime, String)> = Vec::with_capacity(1);
+        for t in rows.iter().flat_map(|r| [r.created_at, r.updated_at]) {
+            if !texts.iter().any(|(known, _)| *known == t) {
+                texts.push((t, sqlite_time(t)));
+            }
+        }
+        Self(texts)
+    }
+
+    fn text(&self, t: OffsetDateTime) -> &str {
+        self.0
+            .iter()
+            .find(|(known, _)| *known == t)
+            .map_or("", |(_, text)| text.as_str())
+    }
+}
+
+/// `INSERT INTO items … VALUES (…), …` with exactly `N` rows, as [`FixedInsert`], with the
+/// times bound as text formatted once.
+struct ItemsInsert<'a, const N: usize> {
+    rows: &'a [NewItemRow],
+    times: &'a ItemTimes,
+}
+
+impl<Conn, const N: usize> diesel::RunQueryDsl<Conn> for ItemsInsert<'_, N> {}
+
+impl<const N: usize> diesel::query_builder::QueryId for ItemsInsert<'_, N> {
+    type QueryId = ItemsInsert<'static, N>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<const N: usize> diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for ItemsInsert<'_, N> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::{Bool, Integer, Json, Nullable, Text};
+        debug_assert_eq!(self.rows.len(), N);
+        out.push_sql(
+            "INSERT INTO items (id, batch_id, tenant, queue, priority, item_index, custom_id, input, config, \
+             status, blocked, attempts, max_attempts, created_at, updated_at) VALUES ",
+        );
+        for (i, row) in self.rows.iter().enumerate() {
+            out.push_sql(if i == 0 { "(" } else { ", (" });
+            out.push_bind_param::<Text, _>(&row.id)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Text, _>(&row.batch_id)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Text, _>(&row.tenant)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Text, _>(&row.queue)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Integer, _>(&row.priority)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Integer, _>(&row.item_index)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Nullable<Text>, _>(&row.custom_id)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Json, _>(&row.input)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Json, _>(&row.config)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Text, _>(&row.status)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Bool, _>(&row.blocked)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Integer, _>(&row.attempts)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Integer, _>(&row.max_attempts)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Text, _>(self.times.text(row.created_at))?;
+            out.push_sql(", ");
+            out.push_bind_param::<Text, _>(self.times.text(row.updated_at))?;
+            out.push_sql(")");
+        }
+        Ok(())
+    }
 }
 
 /// Inserts event runs the same way.
@@ -272,47 +388,6 @@ impl InsertRow for EventRunRow {
         out.push_bind_param::<BigInt, _>(&self.last_seq)?;
         out.push_sql(", ");
         out.push_bind_param::<Text, _>(&self.events)
-    }
-}
-
-impl InsertRow for NewItemRow {
-    const INTO: &'static str = "INSERT INTO items (id, batch_id, tenant, queue, priority, item_index, custom_id, \
-        input, config, status, blocked, attempts, max_attempts, created_at, updated_at) VALUES ";
-
-    fn push_values<'b>(
-        &'b self,
-        out: &mut diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
-    ) -> QueryResult<()> {
-        use diesel::sql_types::{Bool, Integer, Json, Nullable, Text, TimestamptzSqlite};
-        out.push_bind_param::<Text, _>(&self.id)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Text, _>(&self.batch_id)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Text, _>(&self.tenant)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Text, _>(&self.queue)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Integer, _>(&self.priority)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Integer, _>(&self.item_index)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Nullable<Text>, _>(&self.custom_id)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Json, _>(&self.input)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Json, _>(&self.config)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Text, _>(&self.status)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Bool, _>(&self.blocked)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Integer, _>(&self.attempts)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Integer, _>(&self.max_attempts)?;
-        out.push_sql(", ");
-        out.push_bind_param::<TimestamptzSqlite, _>(&self.created_at)?;
-        out.push_sql(", ");
-        out.push_bind_param::<TimestamptzSqlite, _>(&self.updated_at)
     }
 }
 
@@ -583,10 +658,11 @@ async fn next_batch_seq(c: &mut Conn) -> Result<i64, StoreError> {
 #[derive(Clone)]
 pub struct SqliteStore {
     path: PathBuf,
-    writer: std::sync::Arc<Mutex<Conn>>,
+    writer: Arc<Mutex<Conn>>,
     readers: Pool<Conn>,
     notifier: Notifier,
-    checkpointer: std::sync::Arc<Checkpointer>,
+    checkpointer: Arc<Checkpointer>,
+    commit_order: Arc<crate::order::CommitOrder>,
     clock: Clock,
     max_error_chars: usize,
 }
@@ -629,13 +705,13 @@ const CHECKPOINT_DELAY: Duration = Duration::from_millis(50);
 /// the next one does. Stopped when the last clone of the store is dropped.
 #[derive(Debug)]
 struct Checkpointer {
-    wake: std::sync::Arc<tokio::sync::Notify>,
+    wake: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Checkpointer {
     fn start(path: String) -> Self {
-        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let wake = Arc::new(tokio::sync::Notify::new());
         let task = tokio::spawn(checkpoint_after_commits(path, wake.clone()));
         Self { wake, task }
     }
@@ -647,7 +723,7 @@ impl Drop for Checkpointer {
     }
 }
 
-async fn checkpoint_after_commits(path: String, wake: std::sync::Arc<tokio::sync::Notify>) {
+async fn checkpoint_after_commits(path: String, wake: Arc<tokio::sync::Notify>) {
     let mut conn: Option<SqliteConnection> = None;
     loop {
         wake.notified().await;
@@ -723,10 +799,11 @@ impl SqliteStore {
             .map_err(|e| StoreError::Connection(e.to_string()))?;
         let store = Self {
             path,
-            writer: std::sync::Arc::new(Mutex::new(SyncConnectionWrapper::new(writer))),
+            writer: Arc::new(Mutex::new(SyncConnectionWrapper::new(writer))),
             readers,
             notifier: Notifier::new(),
-            checkpointer: std::sync::Arc::new(Checkpointer::start(path_str.clone())),
+            checkpointer: Arc::new(Checkpointer::start(path_str.clone())),
+            commit_order: Arc::default(),
             clock: options.clock,
             max_error_chars: 1_000,
         };
@@ -735,6 +812,15 @@ impl SqliteStore {
         }
         Ok(store)
     }
+
+    /// The next group transaction's turn.
+    fn turn(&self) -> crate::Turn {
+        self.commit_order.turn()
+    }
+
+    /// Inserting a batch's items needs no turn of its own: the one writer inserts one batch
+    /// at a time anyway.
+    async fn insert_turn(&self) {}
 
     async fn read_conn(&self) -> Result<Object<Conn>, StoreError> {
         self.readers
