@@ -93,11 +93,7 @@ async fn eight_claimers_claim_every_item_exactly_once(f: Fixture) {
                     })
                     .collect();
                 let results = store.finish(finishes).await.expect("finish");
-                assert!(
-                    results
-                        .iter()
-                        .all(|r| matches!(r, FinishResult::Applied(_)))
-                );
+                assert!(results.iter().all(|r| matches!(r, FinishResult::Applied(_))));
                 finished.fetch_add(claimed.len(), Ordering::SeqCst);
             }
         }));
