@@ -976,12 +976,26 @@ fn encode_time_cursor(t: OffsetDateTime, id: &str) -> String {
 fn decode_time_cursor(cursor: &str) -> Option<(OffsetDateTime, String)> {
     let (micros, id) = cursor.split_once('_')?;
     let micros: i128 = micros.parse().ok()?;
-    let t = OffsetDateTime::from_unix_timestamp_nanos(micros * 1_000).ok()?;
+    let t = OffsetDateTime::from_unix_timestamp_nanos(micros.checked_mul(1_000)?).ok()?;
     Some((t, id.to_owned()))
 }
 
 fn bad_cursor() -> StoreError {
     StoreError::InvalidCursor
+}
+
+/// Where a page of `list_recent_items` goes on: after this creation time and seq, the
+/// listing's order, written as the batch list's cursors are (`<micros>_<seq>`). Items of
+/// batches submitted at once may get their seqs in the other order than their creation
+/// times, so the seq alone would skip some. A bare seq, as cursors were written before,
+/// still reads the old way: `Ok((None, seq))`.
+fn decode_recent_cursor(cursor: &str) -> Result<(Option<OffsetDateTime>, i64), StoreError> {
+    let (created_at, seq) = match decode_time_cursor(cursor) {
+        Some((t, seq)) => (Some(t), seq),
+        None if !cursor.contains('_') => (None, cursor.to_owned()),
+        None => return Err(bad_cursor()),
+    };
+    Ok((created_at, seq.parse().map_err(|_| bad_cursor())?))
 }
 
 fn page_limit(page: &PageRequest) -> i64 {
@@ -2780,15 +2794,19 @@ impl crate::Store for ThisStore {
             q = q.filter(items::tenant.eq(t.to_owned()));
         }
         if let Some(cursor) = &page.cursor {
-            let after: i64 = cursor.parse().map_err(|_| bad_cursor())?;
-            q = q.filter(items::seq.gt(after));
+            q = match decode_recent_cursor(cursor)? {
+                (Some(t), seq) => {
+                    q.filter(items::created_at.ge(t).and(items::created_at.gt(t).or(items::seq.gt(seq))))
+                }
+                (None, seq) => q.filter(items::seq.gt(seq)),
+            };
         }
         let limit = page_limit(page);
         let mut rows: Vec<ItemRow> =
             q.order((items::created_at.asc(), items::seq.asc())).limit(limit + 1).load(&mut *conn).await?;
         let next_cursor = if rows.len() as i64 > limit {
             rows.truncate(limit as usize);
-            rows.last().map(|r| r.seq.to_string())
+            rows.last().map(|r| encode_time_cursor(r.created_at, &r.seq.to_string()))
         } else {
             None
         };

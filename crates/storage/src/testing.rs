@@ -47,6 +47,12 @@ impl ManualClock {
         self.0.fetch_add(by.as_micros() as i64, Ordering::SeqCst);
     }
 
+    /// Moves the clock back, as a request that read the time before another one did may
+    /// write after it.
+    pub fn rewind(&self, by: Duration) {
+        self.0.fetch_sub(by.as_micros() as i64, Ordering::SeqCst);
+    }
+
     pub fn now(&self) -> OffsetDateTime {
         (self.clock())()
     }

@@ -13,6 +13,7 @@ conformance!(
     client_ids_are_unique_across_tenants,
     tenants_never_see_each_other,
     list_filters_and_cursors,
+    recent_items_page_in_creation_order_when_seqs_run_the_other_way,
     positions_follow_claim_order,
     events_page_after_a_sequence_number,
     events_page_across_the_runs_they_are_stored_in,
@@ -193,6 +194,61 @@ async fn tenants_never_see_each_other(f: Fixture) {
         2
     );
     assert_eq!(f.batch(&b.id).await.status, BatchStatus::Pending, "nothing changed");
+}
+
+/// Two submits that read the clock in one order and wrote their items in the other: the
+/// later batch's items have the lower seqs. `list_recent_items` pages through creation time
+/// and seq together, so a cursor inside the earlier batch skips none of the later one.
+async fn recent_items_page_in_creation_order_when_seqs_run_the_other_way(f: Fixture) {
+    let since = f.clock.now() - Duration::hours(1);
+    f.clock.advance(std::time::Duration::from_millis(10));
+    let (_, later) = f.submit(batch("default", 3)).await;
+    f.clock.rewind(std::time::Duration::from_millis(5));
+    let (_, earlier) = f.submit(batch("default", 3)).await;
+    let mut listed = Vec::new();
+    let mut cursor = None;
+    for _ in 0..10 {
+        let page = f
+            .store
+            .list_recent_items(Scope::All, since, &PageRequest { cursor, limit: 2 })
+            .await
+            .expect("list recent items");
+        listed.extend(page.rows.into_iter().map(|i| i.id));
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    let expected: Vec<String> = earlier.into_iter().chain(later).collect();
+    assert_eq!(listed, expected, "every item once, oldest first");
+    for bad in [
+        "x",
+        "1_x",
+        "x_1",
+        "99999999999999999999999999999999999_1",
+        "170141183460469231731687303715884105727_1",
+    ] {
+        let page = PageRequest {
+            cursor: Some(bad.to_owned()),
+            limit: 2,
+        };
+        assert!(
+            matches!(
+                f.store.list_recent_items(Scope::All, since, &page).await,
+                Err(StoreError::InvalidCursor)
+            ),
+            "cursor {bad:?}"
+        );
+    }
+    // The batch list's cursors are read the same way: out of range is a bad cursor, not a panic.
+    let page = PageRequest {
+        cursor: Some("170141183460469231731687303715884105727_b".to_owned()),
+        limit: 2,
+    };
+    assert!(matches!(
+        f.store.list_batches(Scope::All, &BatchFilter::default(), &page).await,
+        Err(StoreError::InvalidCursor)
+    ));
 }
 
 async fn list_filters_and_cursors(f: Fixture) {
