@@ -114,10 +114,7 @@ impl Turn {
     /// Marks this group's second phase done, then waits until the group before it has ended.
     pub(crate) async fn commit(&mut self) -> Result<(), StoreError> {
         drop(self.phase_done.take());
-        match self.previous.as_mut() {
-            Some(previous) => wait(&mut previous.ended).await,
-            None => Ok(()),
-        }
+        self.after_previous().await
     }
 }
 

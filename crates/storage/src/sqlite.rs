@@ -678,7 +678,7 @@ impl std::fmt::Debug for SqliteStore {
 /// Per-connection settings: WAL (persistent), full sync so a commit survives power loss,
 /// foreign keys on, a busy timeout as a backstop behind the single writer, and checkpoints
 /// left to the [`Checkpointer`] (a commit checkpoints by itself only once the WAL has grown
-/// past `CHECKPOINT_BACKSTOP_PAGES`, should the checkpointer fall that far behind).
+/// past [`CHECKPOINT_BACKSTOP`], should the checkpointer fall that far behind).
 fn configure(conn: &mut SqliteConnection) -> QueryResult<()> {
     for pragma in [
         "PRAGMA journal_mode = WAL",

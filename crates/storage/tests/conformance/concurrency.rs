@@ -8,11 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use batchd_domain::{BatchStatus, ItemStatus, Mode};
-use batchd_storage::{ClaimedItem, Finish, FinishResult, Outcome, Scope};
-use serde_json::json;
+use batchd_storage::{ClaimedItem, FinishResult, Scope};
 use tokio::sync::Mutex;
 
-use crate::support::{Fixture, batch, claim_request, conformance, sequential};
+use crate::support::{Fixture, batch, claim_request, completions, conformance, sequential};
 
 conformance!(
     eight_claimers_claim_every_item_exactly_once,
@@ -82,17 +81,7 @@ async fn eight_claimers_claim_every_item_exactly_once(f: Fixture) {
                         *o.running_in_sequential.entry(item.batch_id.clone()).or_default() -= 1;
                     }
                 }
-                let finishes = claimed
-                    .iter()
-                    .map(|item| Finish {
-                        item_id: item.id.clone(),
-                        lease_token: item.lease_token.clone(),
-                        outcome: Outcome::Completed {
-                            result: json!(item.index),
-                        },
-                    })
-                    .collect();
-                let results = store.finish(finishes).await.expect("finish");
+                let results = store.finish(completions(&claimed)).await.expect("finish");
                 assert!(results.iter().all(|r| matches!(r, FinishResult::Applied(_))));
                 finished.fetch_add(claimed.len(), Ordering::SeqCst);
             }
@@ -161,16 +150,8 @@ async fn overlapping_groups_commit_in_turn(f: Fixture) {
             "the groups did not finish in time"
         );
         while groups.len() < IN_FLIGHT && (!ran.is_empty() || free + freeing > 0) {
-            let finishes: Vec<Finish> = ran
-                .drain(..)
-                .map(|item| Finish {
-                    item_id: item.id.clone(),
-                    lease_token: item.lease_token.clone(),
-                    outcome: Outcome::Completed {
-                        result: json!(item.index),
-                    },
-                })
-                .collect();
+            let finishes = completions(&ran);
+            ran.clear();
             let want = free + freeing;
             free = 0;
             freeing = finishes.len();

@@ -98,17 +98,7 @@ impl Fixture {
 
     /// Completes all of `items` in one call, each with `{"done": index}`.
     pub async fn complete_all(&self, items: &[ClaimedItem]) -> Vec<FinishResult> {
-        let finishes = items
-            .iter()
-            .map(|item| Finish {
-                item_id: item.id.clone(),
-                lease_token: item.lease_token.clone(),
-                outcome: Outcome::Completed {
-                    result: json!({"done": item.index}),
-                },
-            })
-            .collect();
-        self.store.finish(finishes).await.expect("finish")
+        self.store.finish(completions(items)).await.expect("finish")
     }
 
     pub async fn batch(&self, id: &str) -> BatchRecord {
@@ -173,6 +163,20 @@ pub fn claim_request(queue: &str, n: usize) -> ClaimRequest {
 }
 
 /// A batch of `n` items with inputs `{"n": i}`, parallel, on `queue`, for tenant `acme`.
+/// The completions of `items`, each with `{"done": index}`.
+pub fn completions(items: &[ClaimedItem]) -> Vec<Finish> {
+    items
+        .iter()
+        .map(|item| Finish {
+            item_id: item.id.clone(),
+            lease_token: item.lease_token.clone(),
+            outcome: Outcome::Completed {
+                result: json!({"done": item.index}),
+            },
+        })
+        .collect()
+}
+
 pub fn batch(queue: &str, n: usize) -> NewBatch {
     NewBatch {
         id: batchd_domain::new_batch_id(),
