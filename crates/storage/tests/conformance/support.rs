@@ -162,7 +162,6 @@ pub fn claim_request(queue: &str, n: usize) -> ClaimRequest {
     }
 }
 
-/// A batch of `n` items with inputs `{"n": i}`, parallel, on `queue`, for tenant `acme`.
 /// The completions of `items`, each with `{"done": index}`.
 pub fn completions(items: &[ClaimedItem]) -> Vec<Finish> {
     items
@@ -177,6 +176,7 @@ pub fn completions(items: &[ClaimedItem]) -> Vec<Finish> {
         .collect()
 }
 
+/// A batch of `n` items with inputs `{"n": i}`, parallel, on `queue`, for tenant `acme`.
 pub fn batch(queue: &str, n: usize) -> NewBatch {
     NewBatch {
         id: batchd_domain::new_batch_id(),
