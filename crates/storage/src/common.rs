@@ -3,6 +3,7 @@
 // - `schema`: the backend's generated diesel schema;
 // - `Conn`: its connection type, and `Self::read_conn` / `Self::write_conn` on the store;
 // - `Db`: its diesel backend, and `SqlTimestamp` the SQL type of times, for hand-written SQL;
+// - `ReadTime`: what a time is read as on the claim path, then turned into an `OffsetDateTime`;
 // - `Self::transaction(f)`: runs `f` in a write transaction (`BEGIN IMMEDIATE` on SQLite, the
 //   whole transaction in one trip to a blocking thread);
 // - `locked!(query)` / `skip_locked!(query)`: `FOR UPDATE [SKIP LOCKED]` on PostgreSQL, nothing
@@ -192,6 +193,7 @@ struct FreshRow {
     attempts: i32,
     max_attempts: i32,
     started_at: Option<OffsetDateTime>,
+    #[diesel(deserialize_as = ReadTime)]
     updated_at: OffsetDateTime,
 }
 

@@ -39,6 +39,8 @@ type Conn = AsyncPgConnection;
 type Db = diesel::pg::Pg;
 /// The SQL type of the times in hand-written SQL.
 type SqlTimestamp = diesel::sql_types::Timestamptz;
+/// Times on the claim path: they arrive binary, with nothing to parse.
+type ReadTime = OffsetDateTime;
 /// The SQL type of JSON columns in hand-written SQL.
 type SqlJson = diesel::sql_types::Jsonb;
 type ThisStore = PgStore;

@@ -59,6 +59,8 @@ impl SpawnBlocking for Inline {
 type Db = diesel::sqlite::Sqlite;
 /// The SQL type of the times in hand-written SQL.
 type SqlTimestamp = diesel::sql_types::TimestamptzSqlite;
+/// Times read on the claim path: see [`StoredTime`].
+type ReadTime = StoredTime;
 /// The SQL type of JSON columns in hand-written SQL.
 type SqlJson = diesel::sql_types::Json;
 type ThisStore = SqliteStore;
@@ -391,50 +393,191 @@ impl InsertRow for EventRunRow {
     }
 }
 
-/// Completes items running under range leases, while their rows still say so: one cached
-/// statement per item, all in one trip (see [`CompleteFresh`]), for the items of batches
-/// that run on (write transactions are serialized, so each batch's status is read once,
-/// first). Returns the ends it wrote.
-async fn complete_fresh(c: &mut Conn, rows: Vec<FreshEnd>, now: OffsetDateTime) -> Result<Vec<FreshEnd>, StoreError> {
+/// Completions in a run shorter than this are written one by one.
+const MIN_FRESH_RUN: usize = 4;
+
+/// Completes items running under range leases, while their rows still say so, for the items
+/// of batches that run on (write transactions are serialized, so each batch's status is read
+/// once, first). A run of consecutive items of one batch that started together and ended
+/// with the same result is one statement (see [`CompleteFreshRun`]); any other item is one
+/// cached statement (see [`CompleteFresh`]); all in one trip. Returns the ends it wrote.
+async fn complete_fresh(
+    c: &mut Conn,
+    mut rows: Vec<FreshEnd>,
+    now: OffsetDateTime,
+) -> Result<Vec<FreshEnd>, StoreError> {
     if rows.is_empty() {
         return Ok(rows);
     }
+    rows.sort_unstable_by(|a, b| (&a.batch_id, a.item_index).cmp(&(&b.batch_id, b.item_index)));
     Ok(c.spawn_blocking(move |conn| {
         let now = sqlite_time(now);
         let mut runs_on: HashMap<String, bool> = HashMap::new();
         let mut started: Option<(OffsetDateTime, String)> = None;
         let mut written = Vec::with_capacity(rows.len());
-        for end in rows {
-            let batch_runs_on = match runs_on.get(&end.batch_id) {
+        let mut rows = rows.into_iter().peekable();
+        while let Some(first) = rows.next() {
+            let mut run = vec![first];
+            while let Some(next) = rows.next_if(|next| run.last().is_some_and(|last| continues(last, next))) {
+                run.push(next);
+            }
+            let batch_id = &run[0].batch_id;
+            let batch_runs_on = match runs_on.get(batch_id) {
                 Some(&known) => known,
                 None => {
                     let status: Option<String> =
-                        diesel::RunQueryDsl::first(batches::table.find(&end.batch_id).select(batches::status), conn)
+                        diesel::RunQueryDsl::first(batches::table.find(batch_id).select(batches::status), conn)
                             .optional()?;
                     let known = matches!(status.as_deref(), Some("pending" | "running" | "paused"));
-                    runs_on.insert(end.batch_id.clone(), known);
+                    runs_on.insert(batch_id.clone(), known);
                     known
                 }
             };
             if !batch_runs_on {
                 continue;
             }
-            if started.as_ref().is_none_or(|(at, _)| *at != end.started_at) {
-                started = Some((end.started_at, sqlite_time(end.started_at)));
+            // Every item of a run started together.
+            if started.as_ref().is_none_or(|(at, _)| *at != run[0].started_at) {
+                started = Some((run[0].started_at, sqlite_time(run[0].started_at)));
             }
             let started_at = started.as_ref().map(|(_, text)| text.as_str()).unwrap_or_default();
-            let statement = CompleteFresh {
-                end: &end,
-                started_at,
-                now: &now,
-            };
-            if diesel::RunQueryDsl::execute(statement, conn)? == 1 {
-                written.push(end);
+            if run.len() >= MIN_FRESH_RUN {
+                match complete_fresh_run(conn, &run, started_at, &now)? {
+                    Some(done) => {
+                        written.extend(run.into_iter().zip(done).filter_map(|(end, done)| done.then_some(end)));
+                        continue;
+                    }
+                    None => tracing::debug!(batch = %batch_id, "a run of completions names other items; writing them one by one"),
+                }
+            }
+            for end in run {
+                let statement = CompleteFresh {
+                    end: &end,
+                    started_at,
+                    now: &now,
+                };
+                if diesel::RunQueryDsl::execute(statement, conn)? == 1 {
+                    written.push(end);
+                }
             }
         }
         Ok::<_, diesel::result::Error>(written)
     })
     .await?)
+}
+
+/// Whether `next` extends a run that ends with `last`: the next item of the same batch,
+/// started at the same time, with the same result.
+fn continues(last: &FreshEnd, next: &FreshEnd) -> bool {
+    next.batch_id == last.batch_id
+        && Some(next.item_index) == last.item_index.checked_add(1)
+        && next.started_at == last.started_at
+        && next.result == last.result
+}
+
+/// Writes a run of completions in one statement, inside a savepoint. Returns, item by item,
+/// whether it was written; or `None`, with nothing written, when a row in the run's range
+/// has another id than its completion names (it is then written one by one, where such a
+/// completion is simply not written).
+fn complete_fresh_run(
+    conn: &mut SqliteConnection,
+    run: &[FreshEnd],
+    started_at: &str,
+    now: &str,
+) -> QueryResult<Option<Vec<bool>>> {
+    let first = run[0].item_index;
+    let outcome = conn.transaction(|conn| {
+        let statement = CompleteFreshRun {
+            first: &run[0],
+            last_index: first + (run.len() as i32 - 1),
+            started_at,
+            now,
+        };
+        let rows: Vec<(i32, String)> = diesel::RunQueryDsl::load(statement, conn)?;
+        let mut done = vec![false; run.len()];
+        for (index, id) in rows {
+            let at = usize::try_from(index - first).ok().filter(|&at| at < run.len());
+            match at {
+                Some(at) if run[at].id == id => done[at] = true,
+                // Undoes the run: the savepoint rolls back.
+                _ => return Err(diesel::result::Error::RollbackTransaction),
+            }
+        }
+        Ok(done)
+    });
+    match outcome {
+        Ok(done) => Ok(Some(done)),
+        Err(diesel::result::Error::RollbackTransaction) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// A `TIMESTAMP` read the quick way. This store writes every time as diesel does (and as
+/// [`sqlite_time`] does): UTC, `YYYY-MM-DD HH:MM:SS[.fraction]+00:00`. That text is read
+/// here digit by digit; anything else goes to diesel's reader, which tries a dozen formats in
+/// turn through the generic parser of `time` (per claimed item, that was most of the cost of
+/// reading its row).
+#[derive(Debug, Clone, Copy, diesel::deserialize::FromSqlRow)]
+struct StoredTime(OffsetDateTime);
+
+impl From<StoredTime> for OffsetDateTime {
+    fn from(t: StoredTime) -> Self {
+        t.0
+    }
+}
+
+impl diesel::deserialize::FromSql<diesel::sql_types::TimestamptzSqlite, diesel::sqlite::Sqlite> for StoredTime {
+    fn from_sql(mut value: diesel::sqlite::SqliteValue<'_, '_, '_>) -> diesel::deserialize::Result<Self> {
+        if value.value_type() == Some(diesel::sqlite::SqliteType::Text)
+            && let Some(t) = parse_stored_time(value.read_text())
+        {
+            return Ok(StoredTime(t));
+        }
+        <OffsetDateTime as diesel::deserialize::FromSql<diesel::sql_types::TimestamptzSqlite, diesel::sqlite::Sqlite>>::from_sql(value)
+            .map(StoredTime)
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS[.fraction of 1 to 9 digits]+00:00`, or `None`.
+fn parse_stored_time(text: &str) -> Option<OffsetDateTime> {
+    let b = text.as_bytes();
+    let (whole, rest) = (b.get(..19)?, &b[19..]);
+    let (fraction, offset) = match rest.split_first() {
+        Some((b'.', rest)) => {
+            let digits = rest.iter().take_while(|c| c.is_ascii_digit()).count();
+            (&rest[..digits], &rest[digits..])
+        }
+        _ => (&rest[..0], rest),
+    };
+    let punctuation = [(4, b'-'), (7, b'-'), (10, b' '), (13, b':'), (16, b':')];
+    let dotted = rest.first() == Some(&b'.');
+    if offset != b"+00:00"
+        || fraction.len() > 9
+        || (dotted && fraction.is_empty())
+        || punctuation.iter().any(|&(at, c)| whole[at] != c)
+    {
+        return None;
+    }
+    let number = |digits: &[u8]| -> Option<u32> {
+        digits
+            .iter()
+            .try_fold(0u32, |n, &c| c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0')))
+    };
+    let nanos = number(fraction)? * 10u32.pow(9 - fraction.len() as u32);
+    let date = time::Date::from_calendar_date(
+        i32::try_from(number(&whole[..4])?).ok()?,
+        time::Month::try_from(u8::try_from(number(&whole[5..7])?).ok()?).ok()?,
+        u8::try_from(number(&whole[8..10])?).ok()?,
+    )
+    .ok()?;
+    let time = time::Time::from_hms_nano(
+        u8::try_from(number(&whole[11..13])?).ok()?,
+        u8::try_from(number(&whole[14..16])?).ok()?,
+        u8::try_from(number(&whole[17..19])?).ok()?,
+        nanos,
+    )
+    .ok()?;
+    Some(time::PrimitiveDateTime::new(date, time).assume_utc())
 }
 
 /// A time as diesel writes it to a SQLite `TIMESTAMP` column (UTC, `+00:00`, subseconds
@@ -518,6 +661,69 @@ impl diesel::query_builder::QueryId for CompleteFresh<'_> {
     const HAS_STATIC_QUERY_ID: bool = true;
 }
 
+/// `UPDATE items SET <their first attempt completed> WHERE <the items from one index to
+/// another of a batch, still pending and never started> RETURNING item_index, id`: a run of
+/// completions with one result, found by the `(batch_id, item_index)` index. The ids it
+/// returns are checked against the completions (see [`complete_fresh_run`]).
+struct CompleteFreshRun<'a> {
+    first: &'a FreshEnd,
+    last_index: i32,
+    started_at: &'a str,
+    now: &'a str,
+}
+
+impl<Conn> diesel::RunQueryDsl<Conn> for CompleteFreshRun<'_> {}
+
+impl diesel::query_builder::QueryId for CompleteFreshRun<'_> {
+    type QueryId = CompleteFreshRun<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::Query for CompleteFreshRun<'_> {
+    type SqlType = (diesel::sql_types::Integer, diesel::sql_types::Text);
+}
+
+impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for CompleteFreshRun<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::Integer;
+        push_first_completion(&mut out, self.first, self.started_at, self.now)?;
+        out.push_sql(" AND item_index BETWEEN ");
+        out.push_bind_param::<Integer, _>(&self.first.item_index)?;
+        out.push_sql(" AND ");
+        out.push_bind_param::<Integer, _>(&self.last_index)?;
+        out.push_sql(NEVER_STARTED);
+        out.push_sql(" RETURNING item_index, id");
+        Ok(())
+    }
+}
+
+/// `UPDATE items SET <a first attempt completed with end's result> WHERE batch_id = <end's>`,
+/// for the conditions that follow.
+fn push_first_completion<'b>(
+    out: &mut diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
+    end: &'b FreshEnd,
+    started_at: &'b str,
+    now: &'b str,
+) -> QueryResult<()> {
+    use diesel::sql_types::{Json, Text};
+    out.push_sql("UPDATE items SET status = 'completed', attempts = 1, started_at = ");
+    out.push_bind_param::<Text, _>(started_at)?;
+    out.push_sql(", result = ");
+    out.push_bind_param::<Json, _>(&end.result)?;
+    out.push_sql(", error = NULL, completed_at = ");
+    out.push_bind_param::<Text, _>(now)?;
+    out.push_sql(", updated_at = ");
+    out.push_bind_param::<Text, _>(now)?;
+    out.push_sql(" WHERE batch_id = ");
+    out.push_bind_param::<Text, _>(&end.batch_id)
+}
+
+/// The row still says what a range lease leaves it: pending, never started.
+const NEVER_STARTED: &str = " AND status = 'pending' AND started_at IS NULL AND attempts = 0";
+
 row_statement!(CompleteOwn<OwnEnd>, CompletedItemSql);
 
 /// The batch condition of the completions, without an `IN` list (SQLite builds a temporary
@@ -532,22 +738,13 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for CompleteFr
         &'b self,
         mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
     ) -> QueryResult<()> {
-        use diesel::sql_types::{Integer, Json, Text};
-        out.push_sql("UPDATE items SET status = 'completed', attempts = 1, started_at = ");
-        out.push_bind_param::<Text, _>(self.started_at)?;
-        out.push_sql(", result = ");
-        out.push_bind_param::<Json, _>(&self.end.result)?;
-        out.push_sql(", error = NULL, completed_at = ");
-        out.push_bind_param::<Text, _>(self.now)?;
-        out.push_sql(", updated_at = ");
-        out.push_bind_param::<Text, _>(self.now)?;
-        out.push_sql(" WHERE batch_id = ");
-        out.push_bind_param::<Text, _>(&self.end.batch_id)?;
+        use diesel::sql_types::{Integer, Text};
+        push_first_completion(&mut out, self.end, self.started_at, self.now)?;
         out.push_sql(" AND item_index = ");
         out.push_bind_param::<Integer, _>(&self.end.item_index)?;
         out.push_sql(" AND id = ");
         out.push_bind_param::<Text, _>(&self.end.id)?;
-        out.push_sql(" AND status = 'pending' AND started_at IS NULL AND attempts = 0");
+        out.push_sql(NEVER_STARTED);
         Ok(())
     }
 }
@@ -929,6 +1126,64 @@ mod tests {
             )
             .expect("select a bound time");
             assert_eq!(sqlite_time(t), written);
+        }
+    }
+
+    /// Stores `text` in a `TIMESTAMP` column and reads it back as the claim path does.
+    fn read_stored(conn: &mut SqliteConnection, text: &str) -> OffsetDateTime {
+        use diesel::sql_types::{Text, TimestamptzSqlite};
+        diesel::connection::SimpleConnection::batch_execute(conn, "CREATE TABLE IF NOT EXISTS t (at TIMESTAMP)")
+            .expect("create a table");
+        diesel::RunQueryDsl::execute(diesel::sql_query("DELETE FROM t"), conn).expect("empty the table");
+        diesel::RunQueryDsl::execute(
+            diesel::sql_query("INSERT INTO t VALUES (?)").bind::<Text, _>(text),
+            conn,
+        )
+        .expect("store a time");
+        let read: StoredTime = diesel::RunQueryDsl::get_result(
+            diesel::select(diesel::dsl::sql::<TimestamptzSqlite>("(SELECT at FROM t)")),
+            conn,
+        )
+        .expect("read a stored time");
+        read.into()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn stored_times_read_back_as_written(
+            seconds in 0i64..=253_402_300_799,
+            nanos in proptest::prop_oneof![proptest::strategy::Just(0u32), 0u32..1_000_000_000],
+        ) {
+            let t = OffsetDateTime::from_unix_timestamp(seconds).expect("in range")
+                + time::Duration::nanoseconds(i64::from(nanos));
+            let text = sqlite_time(t);
+            proptest::prop_assert_eq!(parse_stored_time(&text), Some(t), "{}", text);
+        }
+    }
+
+    #[test]
+    fn times_in_other_forms_are_read_the_slow_way() {
+        let mut conn = SqliteConnection::establish(":memory:").expect("an in-memory database");
+        let t = time::macros::datetime!(2026-12-06 04:00:00.25 UTC);
+        for text in [
+            "2026-12-06 04:00:00.25+00:00",
+            "2026-12-06 04:00:00.250000000+00:00",
+            "2026-12-06T04:00:00.25Z",
+            "2026-12-06 05:00:00.25+01:00",
+            "2026-12-06 04:00:00.25",
+        ] {
+            assert_eq!(read_stored(&mut conn, text), t, "{text}");
+        }
+        for text in [
+            "2026-12-06T04:00:00.25Z",
+            "2026-12-06 05:00:00.25+01:00",
+            "2026-12-06 04:00:00.25",
+            "2026-12-06 04:00:00.+00:00",
+            "2026-12-06 04:00:00.1234567890+00:00",
+            "2026-13-06 04:00:00+00:00",
+            "2026-12-06 04:00",
+        ] {
+            assert_eq!(parse_stored_time(text), None, "{text}");
         }
     }
 }

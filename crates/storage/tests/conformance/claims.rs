@@ -6,7 +6,7 @@ use batchd_domain::{BatchStatus, ItemStatus};
 use batchd_storage::{Finish, FinishResult, ItemReport, LeaseState, NewBatch, Notice, Outcome, Scope};
 use serde_json::json;
 
-use crate::support::{Fixture, batch, claim_request, conformance, failure, input_n, sequential};
+use crate::support::{Fixture, batch, claim_request, completions_with, conformance, failure, input_n, sequential};
 
 conformance!(
     claims_by_priority_then_fifo,
@@ -25,6 +25,9 @@ conformance!(
     finish_and_claim_ends_and_starts_in_one_call,
     finish_and_claim_gives_nothing_of_a_batch_it_fails,
     finish_and_claim_never_gives_an_item_twice,
+    a_run_of_equal_results_completes_every_item,
+    a_run_skips_an_item_that_left_its_range,
+    a_run_naming_other_items_writes_only_the_right_ones,
 );
 
 async fn claims_by_priority_then_fifo(f: Fixture) {
@@ -433,6 +436,98 @@ async fn notices_wake_waiters(f: Fixture) {
             .expect("open channel");
         got_control = notice == Notice::Control { batch_id: b.id.clone() };
     }
+}
+
+/// Completions of `items`, all with the same result, in one call: consecutive items of a
+/// batch, started together, as a busy queue of no-op work finishes them.
+fn same_result(items: &[batchd_storage::ClaimedItem]) -> Vec<Finish> {
+    completions_with(items, |_| json!({"ok": true}))
+}
+
+async fn a_run_of_equal_results_completes_every_item(f: Fixture) {
+    let (b, _) = f.submit(batch("q", 12)).await;
+    let claimed = f.claim("q", 10).await;
+    f.clock.advance(Duration::from_secs(1));
+    // Out of order, as results arrive.
+    let mut finishes = same_result(&claimed);
+    finishes.reverse();
+    let results = f.store.finish(finishes).await.expect("finish");
+    assert_eq!(results, vec![FinishResult::Applied(ItemStatus::Completed); 10]);
+    let items = f.items(&b.id).await;
+    for item in &items[..10] {
+        assert_eq!(item.status, ItemStatus::Completed);
+        assert_eq!(item.result, Some(json!({"ok": true})));
+        assert_eq!(item.attempts, 1);
+        assert!(item.started_at.is_some_and(|at| Some(at) < item.completed_at));
+    }
+    assert!(
+        items[10..]
+            .iter()
+            .all(|i| i.status == ItemStatus::Pending && i.started_at.is_none())
+    );
+    let types = f.event_types(&b.id).await;
+    assert_eq!(types.iter().filter(|t| *t == "item.completed").count(), 10);
+    assert_eq!(f.batch(&b.id).await.counts.completed, 10);
+    f.assert_counts_match_items(&b.id).await;
+    // Written once: the same completions again change nothing.
+    let again = f.store.finish(same_result(&claimed)).await.expect("finish");
+    assert_eq!(again, vec![FinishResult::LeaseLost; 10]);
+    f.assert_counts_match_items(&b.id).await;
+}
+
+async fn a_run_skips_an_item_that_left_its_range(f: Fixture) {
+    let (b, _) = f.submit(batch("q", 8)).await;
+    let claimed = f.claim("q", 8).await;
+    // Reporting progress takes an item out of its range: its row now runs on its own lease.
+    let report = ItemReport {
+        message: Some("halfway".into()),
+        ..Default::default()
+    };
+    let state = f.store.report(&claimed[3].id, &claimed[3].lease_token, report).await;
+    assert!(matches!(state.expect("report"), LeaseState::Held(_)));
+    let results = f.store.finish(same_result(&claimed)).await.expect("finish");
+    assert_eq!(results, vec![FinishResult::Applied(ItemStatus::Completed); 8]);
+    let items = f.items(&b.id).await;
+    assert!(
+        items
+            .iter()
+            .all(|i| i.status == ItemStatus::Completed && i.attempts == 1)
+    );
+    assert_eq!(items[3].message.as_deref(), Some("halfway"));
+    assert_eq!(f.batch(&b.id).await.status, BatchStatus::Completed);
+    f.assert_counts_match_items(&b.id).await;
+}
+
+async fn a_run_naming_other_items_writes_only_the_right_ones(f: Fixture) {
+    let (b, _) = f.submit(batch("q", 6)).await;
+    let claimed = f.claim("q", 6).await;
+    // Items 2 and 3 report with each other's tokens: neither may be written.
+    let mut finishes = same_result(&claimed);
+    let token_2 = finishes[2].lease_token.clone();
+    finishes[2].lease_token = std::mem::replace(&mut finishes[3].lease_token, token_2);
+    let results = f.store.finish(finishes).await.expect("finish");
+    let completed = FinishResult::Applied(ItemStatus::Completed);
+    assert_eq!(
+        results,
+        vec![
+            completed,
+            completed,
+            FinishResult::LeaseLost,
+            FinishResult::LeaseLost,
+            completed,
+            completed
+        ]
+    );
+    let items = f.items(&b.id).await;
+    let statuses: Vec<ItemStatus> = items.iter().map(|i| i.status).collect();
+    let (done, running) = (ItemStatus::Completed, ItemStatus::Running);
+    assert_eq!(statuses, vec![done, done, running, running, done, done]);
+    f.assert_counts_match_items(&b.id).await;
+    // Their own tokens still hold.
+    let results = f.store.finish(same_result(&claimed[2..4])).await.expect("finish");
+    assert_eq!(results, vec![completed; 2]);
+    assert_eq!(f.batch(&b.id).await.status, BatchStatus::Completed);
+    f.assert_counts_match_items(&b.id).await;
 }
 
 fn completed(item: &batchd_storage::ClaimedItem) -> Finish {

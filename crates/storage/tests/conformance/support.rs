@@ -164,14 +164,17 @@ pub fn claim_request(queue: &str, n: usize) -> ClaimRequest {
 
 /// The completions of `items`, each with `{"done": index}`.
 pub fn completions(items: &[ClaimedItem]) -> Vec<Finish> {
+    completions_with(items, |item| json!({"done": item.index}))
+}
+
+/// Completions of `items`, each with the result `result` gives it.
+pub fn completions_with(items: &[ClaimedItem], result: impl Fn(&ClaimedItem) -> Value) -> Vec<Finish> {
     items
         .iter()
         .map(|item| Finish {
             item_id: item.id.clone(),
             lease_token: item.lease_token.clone(),
-            outcome: Outcome::Completed {
-                result: json!({"done": item.index}),
-            },
+            outcome: Outcome::Completed { result: result(item) },
         })
         .collect()
 }
