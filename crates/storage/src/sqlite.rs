@@ -393,7 +393,8 @@ impl InsertRow for EventRunRow {
     }
 }
 
-/// Completions in a run shorter than this are written one by one.
+/// Completions in a run shorter than this are written one by one. A run adds a savepoint, its
+/// release and returned rows; the threshold is a choice, not measured against single rows.
 const MIN_FRESH_RUN: usize = 4;
 
 /// Completes items running under range leases, while their rows still say so, for the items
@@ -661,6 +662,22 @@ impl diesel::query_builder::QueryId for CompleteFresh<'_> {
     const HAS_STATIC_QUERY_ID: bool = true;
 }
 
+impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for CompleteFresh<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::{Integer, Text};
+        push_first_completion(&mut out, self.end, self.started_at, self.now)?;
+        out.push_sql(" AND item_index = ");
+        out.push_bind_param::<Integer, _>(&self.end.item_index)?;
+        out.push_sql(" AND id = ");
+        out.push_bind_param::<Text, _>(&self.end.id)?;
+        out.push_sql(NEVER_STARTED);
+        Ok(())
+    }
+}
+
 /// `UPDATE items SET <their first attempt completed> WHERE <the items from one index to
 /// another of a batch, still pending and never started> RETURNING item_index, id`: a run of
 /// completions with one result, found by the `(batch_id, item_index)` index. The ids it
@@ -732,22 +749,6 @@ row_statement!(CompleteOwn<OwnEnd>, CompletedItemSql);
 const BATCH_RUNS_ON: &str = " AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = items.batch_id \
     AND (b.status = 'pending' OR b.status = 'running' OR b.status = 'paused')) \
     RETURNING seq, id, batch_id, item_index, custom_id, step, message, attempts";
-
-impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for CompleteFresh<'_> {
-    fn walk_ast<'b>(
-        &'b self,
-        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
-    ) -> QueryResult<()> {
-        use diesel::sql_types::{Integer, Text};
-        push_first_completion(&mut out, self.end, self.started_at, self.now)?;
-        out.push_sql(" AND item_index = ");
-        out.push_bind_param::<Integer, _>(&self.end.item_index)?;
-        out.push_sql(" AND id = ");
-        out.push_bind_param::<Text, _>(&self.end.id)?;
-        out.push_sql(NEVER_STARTED);
-        Ok(())
-    }
-}
 
 impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for CompleteOwn<'_> {
     fn walk_ast<'b>(
