@@ -3,6 +3,7 @@
 //! relays control requests to running items, and a rescuer that puts expired leases back.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -149,6 +150,7 @@ impl Executor {
             contexts: tokio::sync::Mutex::new(HashMap::new()),
             writes,
             node_slot_freed: Arc::new(Notify::new()),
+            starved: AtomicUsize::new(0),
             stop_claiming: CancellationToken::new(),
             release_now: CancellationToken::new(),
             items: TaskTracker::new(),
@@ -230,6 +232,9 @@ struct Inner {
     /// Told whenever an item gives its slot back: wakes the claim loops that found the node's
     /// slots all taken by other queues.
     node_slot_freed: Arc<Notify>,
+    /// Claim loops waiting for a slot of the node that other queues hold. While any waits, no
+    /// slot is handed on (see [`Handoff`]): each goes back, so the waiting queue can take it.
+    starved: AtomicUsize,
     stop_claiming: CancellationToken,
     release_now: CancellationToken,
     items: TaskTracker,
@@ -249,6 +254,15 @@ struct OpenContext {
     info: BatchInfo,
 }
 
+/// A queue this node runs, shared by its claim loop and its items' tasks.
+struct QueueRun {
+    queue: QueueConfig,
+    handler: Arc<dyn Handler>,
+    /// Whether an ending item may hand its slot on (see [`Handoff`]). Not for a queue with a
+    /// rate limit: its claim loop paces its starts.
+    hands_on: bool,
+}
+
 /// Whether a notice may mean work for this queue.
 fn wakes(notice: &Result<Notice, broadcast::error::RecvError>, queue: &str) -> bool {
     match notice {
@@ -264,6 +278,11 @@ async fn claim_loop(inner: Arc<Inner>, queue: QueueConfig, handler: Arc<dyn Hand
     let slots = Arc::new(Semaphore::new(queue.concurrency));
     let slot_freed = Arc::new(Notify::new());
     let mut bucket = (queue.rate_per_second > 0.0).then(|| TokenBucket::new(queue.rate_per_second, queue.burst));
+    let run = Arc::new(QueueRun {
+        queue: queue.clone(),
+        handler,
+        hands_on: bucket.is_none(),
+    });
     // Subscribed before the first claim, so nothing that commits in between is missed.
     let mut notices = inner.store.subscribe();
     let request = ClaimRequest {
@@ -330,7 +349,7 @@ async fn claim_loop(inner: Arc<Inner>, queue: QueueConfig, handler: Arc<dyn Hand
                             freed: slot_freed.clone(),
                             node_freed: inner.node_slot_freed.clone(),
                         };
-                        start_item(&inner, &queue, &handler, item, slot);
+                        start_item(&inner, &run, item, slot);
                     }
                     error_backoff = Duration::from_millis(100);
                 }
@@ -364,6 +383,7 @@ async fn claim_loop(inner: Arc<Inner>, queue: QueueConfig, handler: Arc<dyn Hand
         };
         let deadline = tokio::time::sleep(poll);
         tokio::pin!(deadline);
+        let _waiting_for_the_node = starved.then(|| Starving::new(&inner.starved));
         loop {
             tokio::select! {
                 () = inner.stop_claiming.cancelled() => return,
@@ -383,9 +403,26 @@ async fn claim_loop(inner: Arc<Inner>, queue: QueueConfig, handler: Arc<dyn Hand
     }
 }
 
-/// A running item's place in its queue's and the node's limits. Dropped as soon as the
-/// attempt's result is handed to the writer: the claim that reuses it then lands in the same
-/// transaction as that result, or a later one, never an earlier one.
+/// Counts a claim loop as waiting for a slot of the node while it lives.
+struct Starving<'a>(&'a AtomicUsize);
+
+impl<'a> Starving<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Starving<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A running item's place in its queue's and the node's limits. Given back as soon as the
+/// attempt's result is handed to the writer, or handed on with it (see [`Handoff`]): the
+/// claim that reuses it then lands in the same transaction as that result, or a later one,
+/// never an earlier one.
 struct Slot {
     permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
     freed: Arc<Notify>,
@@ -402,17 +439,17 @@ impl Drop for Slot {
     }
 }
 
-fn start_item(inner: &Arc<Inner>, queue: &QueueConfig, handler: &Arc<dyn Handler>, item: ClaimedItem, slot: Slot) {
+fn start_item(inner: &Arc<Inner>, run: &Arc<QueueRun>, item: ClaimedItem, slot: Slot) {
     let cancel = CancellationToken::new();
     inner
         .running
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .insert(item.id.clone(), (item.batch_id.clone(), cancel.clone()));
-    let (inner, queue, handler) = (inner.clone(), queue.clone(), handler.clone());
+    let (inner, run) = (inner.clone(), run.clone());
     inner.items.clone().spawn(async move {
         let item_id = item.id.clone();
-        run_item(&inner, &queue, handler, item, cancel, slot).await;
+        run_item(&inner, &run, item, cancel, slot).await;
         inner
             .running
             .lock()
@@ -422,14 +459,8 @@ fn start_item(inner: &Arc<Inner>, queue: &QueueConfig, handler: &Arc<dyn Handler
 }
 
 /// Runs one claimed item to the end of its attempt and reports the result.
-async fn run_item(
-    inner: &Arc<Inner>,
-    queue: &QueueConfig,
-    handler: Arc<dyn Handler>,
-    item: ClaimedItem,
-    cancel: CancellationToken,
-    slot: Slot,
-) {
+async fn run_item(inner: &Arc<Inner>, run: &Arc<QueueRun>, item: ClaimedItem, cancel: CancellationToken, slot: Slot) {
+    let (queue, handler) = (&run.queue, &run.handler);
     let config = merge_config([&queue.defaults, &item.batch_config, &item.item_config]);
     let settings = ItemSettings::from_config(&config);
     let releases_context = item.input.get("release_context").and_then(Value::as_bool) == Some(true);
@@ -454,7 +485,7 @@ async fn run_item(
     ));
 
     // `None`: the handler handed the attempt on (`Completion::Accepted`); nothing to record.
-    let outcome = match open_context(inner, &handler, &info, sequential).await {
+    let outcome = match open_context(inner, handler, &info, sequential).await {
         Err(e) => Some(failure(e, &settings)),
         Ok(batch_context) => {
             let context = ItemContext::new(item, config, batch_context, cancel.clone(), inner.store.clone());
@@ -498,8 +529,17 @@ async fn run_item(
         outcome,
     };
     let (reply_tx, reply_rx) = oneshot::channel();
-    let sent = inner.writes.send(Write::Finish(finish, reply_tx));
-    drop(slot);
+    let handoff = if run.hands_on && !inner.stop_claiming.is_cancelled() && inner.starved.load(Ordering::SeqCst) == 0 {
+        Some(Handoff {
+            inner: inner.clone(),
+            run: run.clone(),
+            slot,
+        })
+    } else {
+        drop(slot);
+        None
+    };
+    let sent = inner.writes.send(Write::Finish(finish, reply_tx, handoff));
     let result = match sent {
         Ok(()) => reply_rx.await.unwrap_or_else(|_| Err("the writer stopped".to_owned())),
         Err(_) => Err("the writer stopped".to_owned()),
@@ -631,10 +671,36 @@ async fn heartbeat(
 
 /// What the writer is asked to do.
 enum Write {
-    /// Record an attempt's result.
-    Finish(Finish, oneshot::Sender<Result<FinishResult, String>>),
+    /// Record an attempt's result, and claim an item in its place with its slot if one is
+    /// handed on.
+    Finish(Finish, oneshot::Sender<Result<FinishResult, String>>, Option<Handoff>),
     /// Claim items for a queue's free slots.
     Claim(ClaimRequest, oneshot::Sender<Result<Vec<ClaimedItem>, String>>),
+}
+
+/// An ending item's slot, handed on with its result: the writer claims an item of the same
+/// queue with it in the same transaction as the result, and starts what it claimed. A slot
+/// that finds no item is given back then. Without this, the slot would go back at once, and
+/// the claim that reuses it would come from the queue's claim loop, which often reaches the
+/// writer only after the result's group has formed: a group of results, then a group of
+/// claims, one more transaction and one more group's wait between an item's end and the
+/// next item's start.
+struct Handoff {
+    inner: Arc<Inner>,
+    run: Arc<QueueRun>,
+    slot: Slot,
+}
+
+/// Who is told of a claim's items.
+enum ClaimReply {
+    /// A claim loop, which starts them.
+    Loop(oneshot::Sender<Result<Vec<ClaimedItem>, String>>),
+    /// The writer starts them, each with one of these slots.
+    Handoff {
+        inner: Arc<Inner>,
+        run: Arc<QueueRun>,
+        slots: Vec<Slot>,
+    },
 }
 
 /// Results and claims that go into one transaction, with whom to answer.
@@ -643,19 +709,60 @@ struct Group {
     finishes: Vec<Finish>,
     finish_replies: Vec<oneshot::Sender<Result<FinishResult, String>>>,
     claims: Vec<ClaimRequest>,
-    claim_replies: Vec<oneshot::Sender<Result<Vec<ClaimedItem>, String>>>,
+    claim_replies: Vec<ClaimReply>,
+    /// The slots handed on, by queue.
+    handoffs: Vec<(Arc<Inner>, Arc<QueueRun>, Vec<Slot>)>,
 }
 
 impl Group {
     fn add(&mut self, write: Write) {
         match write {
-            Write::Finish(finish, reply) => {
+            Write::Finish(finish, reply, handoff) => {
                 self.finishes.push(finish);
                 self.finish_replies.push(reply);
+                if let Some(Handoff { inner, run, slot }) = handoff {
+                    match self.handoffs.iter_mut().find(|(_, r, _)| Arc::ptr_eq(r, &run)) {
+                        Some((_, _, slots)) => slots.push(slot),
+                        None => self.handoffs.push((inner, run, vec![slot])),
+                    }
+                }
             }
             Write::Claim(request, reply) => {
                 self.claims.push(request);
-                self.claim_replies.push(reply);
+                self.claim_replies.push(ClaimReply::Loop(reply));
+            }
+        }
+    }
+
+    /// Turns the slots handed on into claims, after every other claim.
+    fn claim_handoffs(&mut self) {
+        for (inner, run, slots) in self.handoffs.drain(..) {
+            if inner.stop_claiming.is_cancelled() {
+                continue;
+            }
+            self.claims.push(ClaimRequest {
+                queue: run.queue.name.clone(),
+                max_items: slots.len(),
+                lease: run.queue.lease,
+                owner: inner.config.node_id.clone(),
+            });
+            self.claim_replies.push(ClaimReply::Handoff { inner, run, slots });
+        }
+    }
+}
+
+impl ClaimReply {
+    fn send(self, claimed: Result<Vec<ClaimedItem>, String>) {
+        match self {
+            ClaimReply::Loop(reply) => {
+                let _ = reply.send(claimed);
+            }
+            ClaimReply::Handoff { inner, run, mut slots } => {
+                for item in claimed.unwrap_or_default() {
+                    let Some(slot) = slots.pop() else { break };
+                    start_item(&inner, &run, item, slot);
+                }
+                // The rest go back, and wake the claim loops.
             }
         }
     }
@@ -696,25 +803,26 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Write>) {
                 }
             }
         }
+        group.claim_handoffs();
         let mut turn = store.group_turn();
         previous = Some(turn.first_phase_done());
         let store = store.clone();
-        groups.spawn(async move {
-            write_group(&store, turn, group).await;
-            drop(permit);
-        });
+        groups.spawn(async move { write_group(&store, turn, group, permit).await });
     }
     groups.close();
     groups.wait().await;
 }
 
-/// Writes one group in its turn and answers everyone in it.
-async fn write_group(store: &Arc<dyn Store>, turn: Turn, group: Group) {
+/// Writes one group in its turn and answers everyone in it. The group's place among those
+/// in flight (`permit`) is given back once its claims are answered, before its results are:
+/// the next group can then begin while the tasks whose results these were are woken.
+async fn write_group(store: &Arc<dyn Store>, turn: Turn, group: Group, permit: OwnedSemaphorePermit) {
     let Group {
         finishes,
         finish_replies,
         claims,
         claim_replies,
+        handoffs: _,
     } = group;
     let started = tokio::time::Instant::now();
     let wanted: usize = claims.iter().map(|c| c.max_items).sum();
@@ -729,18 +837,22 @@ async fn write_group(store: &Arc<dyn Store>, turn: Turn, group: Group) {
                 "group commit"
             );
             for (reply, items) in claim_replies.into_iter().zip(claimed) {
-                let _ = reply.send(Ok(items));
+                reply.send(Ok(items));
             }
+            drop(permit);
             Ok(results)
         }
         Err(e) => {
             for reply in claim_replies {
-                let _ = reply.send(Err(e.to_string()));
+                reply.send(Err(e.to_string()));
             }
             if finishes.is_empty() {
                 return;
             }
-            retry_finish(store, &finishes, e).await
+            // Held while the results are written again, so no later group commits first.
+            let retried = retry_finish(store, &finishes, e).await;
+            drop(permit);
+            retried
         }
     };
     match results {

@@ -19,6 +19,7 @@ both_backends!(
     retry_delays_follow_the_policy,
     a_panic_is_a_failure,
     a_queue_kept_out_by_another_starts_once_it_frees_the_node,
+    a_kept_out_queue_gets_a_slot_while_the_other_still_has_work,
 );
 
 /// Sleeps a little and records how many items ran at once.
@@ -273,5 +274,73 @@ async fn a_queue_kept_out_by_another_starts_once_it_frees_the_node(backend: Back
     gate.add_permits(4);
     assert_eq!(h.wait_until_ended(&hog).await.counts.completed, 4);
     assert_eq!(h.wait_until_ended(&small).await.counts.completed, 1);
+    h.shutdown().await;
+}
+
+/// Lets one item end per permit added to its gate.
+struct OneAtATime {
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait]
+impl Handler for OneAtATime {
+    async fn run(&self, _item: ItemContext) -> Result<Completion, HandlerError> {
+        self.gate
+            .acquire()
+            .await
+            .map_err(|e| HandlerError::permanent(e.to_string()))?
+            .forget();
+        Ok(Completion::Completed(json!(null)))
+    }
+}
+
+/// An ending item hands its slot on to the next item of its queue only while no other queue
+/// waits for one of the node's slots. Here one queue holds both of the node's slots and has
+/// many more items; once another queue's item waits, the first item to end gives its slot
+/// back, and the waiting queue takes it (the first queue claims again only once two of its
+/// eight slots are free), long before the first queue runs out of items.
+async fn a_kept_out_queue_gets_a_slot_while_the_other_still_has_work(backend: Backend) {
+    let Some(mut h) = Harness::open(backend).await else {
+        return;
+    };
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let mut registry = crate::support::demo();
+    registry.register("one-at-a-time", OneAtATime { gate: gate.clone() });
+    h.start(
+        registry,
+        vec![queue("hog", "one-at-a-time", 8), queue("small", "demo", 1)],
+        |config| {
+            config.max_running = 2;
+            config.poll_interval = Duration::from_secs(3_600);
+        },
+    );
+    // Both claim loops first find their queues empty. Were the small queue's empty claim to
+    // hold one of the node's slots while the hog queue claims, the hog queue would start one
+    // item and then wait for two slots to be free at once.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (hog, _) = h.submit("hog", Mode::Parallel, vec![json!({}); 12]).await;
+    h.wait_until(&hog, "2 items running", |b| b.counts.running == 2).await;
+    let (small, _) = h.submit("small", Mode::Parallel, vec![json!({})]).await;
+    assert_eq!(h.batch(&small).await.counts.pending, 1, "no slot of the node is free");
+    // One hog item at a time, until the small queue's item has run.
+    let mut ended = 0;
+    while !h.batch(&small).await.status.is_terminal() {
+        assert!(
+            ended < 8,
+            "the small queue never got a slot while the hog queue had work"
+        );
+        gate.add_permits(1);
+        ended += 1;
+        h.wait_until(&hog, "another item completed", |b| b.counts.completed == ended)
+            .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.batch(&small).await.counts.completed, 1);
+    assert!(
+        h.batch(&hog).await.counts.pending > 0,
+        "the hog queue still had items waiting"
+    );
+    gate.add_permits(12);
+    assert_eq!(h.wait_until_ended(&hog).await.counts.completed, 12);
     h.shutdown().await;
 }
