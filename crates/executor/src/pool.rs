@@ -734,10 +734,12 @@ impl Group {
         }
     }
 
-    /// Turns the slots handed on into claims, after every other claim.
+    /// Turns the slots handed on into claims, after every other claim. Should claiming have
+    /// stopped, or another queue begun to wait for a slot of the node, since the slots were
+    /// handed on, they go back instead.
     fn claim_handoffs(&mut self) {
         for (inner, run, slots) in self.handoffs.drain(..) {
-            if inner.stop_claiming.is_cancelled() {
+            if inner.stop_claiming.is_cancelled() || inner.starved.load(Ordering::SeqCst) > 0 {
                 continue;
             }
             self.claims.push(ClaimRequest {
