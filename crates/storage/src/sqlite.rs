@@ -426,10 +426,14 @@ async fn complete_fresh(
             let batch_runs_on = match runs_on.get(batch_id) {
                 Some(&known) => known,
                 None => {
-                    let status: Option<String> =
-                        diesel::RunQueryDsl::first(batches::table.find(batch_id).select(batches::status), conn)
-                            .optional()?;
-                    let known = matches!(status.as_deref(), Some("pending" | "running" | "paused"));
+                    let known: bool = diesel::RunQueryDsl::get_result(
+                        diesel::select(
+                            diesel::dsl::sql::<diesel::sql_types::Bool>("EXISTS (SELECT 1 FROM batches AS b WHERE b.id = ")
+                                .bind::<diesel::sql_types::Text, _>(batch_id)
+                                .sql(concat!(" AND ", batch_runs_on!(), ")")),
+                        ),
+                        conn,
+                    )?;
                     runs_on.insert(batch_id.clone(), known);
                     known
                 }
@@ -743,12 +747,23 @@ const NEVER_STARTED: &str = " AND status = 'pending' AND started_at IS NULL AND 
 
 row_statement!(CompleteOwn<OwnEnd>, CompletedItemSql);
 
-/// The batch condition of the completions, without an `IN` list (SQLite builds a temporary
-/// index for one on every run): an item of a batch that is cancelling or failed ends the
-/// general way.
-const BATCH_RUNS_ON: &str = " AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = items.batch_id \
-    AND (b.status = 'pending' OR b.status = 'running' OR b.status = 'paused')) \
-    RETURNING seq, id, batch_id, item_index, custom_id, step, message, attempts";
+/// Whether batch `b` runs on, so its items' completions are written the quick way: an item
+/// of a batch that is cancelling or failed ends the general way. Without an `IN` list
+/// (SQLite builds a temporary index for one on every run). Read by [`complete_fresh`] once
+/// per batch, and part of every [`CompleteOwn`].
+macro_rules! batch_runs_on {
+    () => {
+        "(b.status = 'pending' OR b.status = 'running' OR b.status = 'paused')"
+    };
+}
+use batch_runs_on;
+
+/// The batch condition of the completions.
+const BATCH_RUNS_ON: &str = concat!(
+    " AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = items.batch_id AND ",
+    batch_runs_on!(),
+    ") RETURNING seq, id, batch_id, item_index, custom_id, step, message, attempts"
+);
 
 impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for CompleteOwn<'_> {
     fn walk_ast<'b>(
