@@ -64,7 +64,31 @@ impl ClaimCursor {
 /// The lease token of an item in a range lease: the lease, its secret and the item's index,
 /// so a token names one item and cannot be guessed from another range's tokens.
 pub fn range_lease_token(lease_id: i64, secret: &str, index: i32) -> String {
-    format!("{lease_id}.{secret}.{index}")
+    RangeTokens::new(lease_id, secret).token(index)
+}
+
+/// The lease tokens of one range lease's items: the part they share is formatted once (a
+/// claim mints a token for each item it takes, while it holds the write lock).
+#[derive(Debug, Clone)]
+pub struct RangeTokens {
+    prefix: String,
+}
+
+impl RangeTokens {
+    pub fn new(lease_id: i64, secret: &str) -> Self {
+        Self {
+            prefix: format!("{lease_id}.{secret}."),
+        }
+    }
+
+    /// The token of the item at `index`, as [`range_lease_token`].
+    pub fn token(&self, index: i32) -> String {
+        use std::fmt::Write;
+        let mut token = String::with_capacity(self.prefix.len() + 11);
+        token.push_str(&self.prefix);
+        let _ = write!(token, "{index}");
+        token
+    }
 }
 
 /// The parts of a range lease token: (lease id, secret, item index). `None` for any other
@@ -123,6 +147,9 @@ mod tests {
         assert_ne!(range_lease_token(12, "abc", 7), range_lease_token(12, "abc", 8));
         assert_eq!(parse_range_token("12.abc.7"), Some((12, "abc", 7)));
         assert_eq!(parse_range_token(&range_lease_token(-1, "s", 0)), Some((-1, "s", 0)));
+        let tokens = RangeTokens::new(i64::MAX, "secret");
+        assert_eq!(tokens.token(i32::MAX), format!("{}.secret.{}", i64::MAX, i32::MAX));
+        assert_eq!(tokens.token(0), "9223372036854775807.secret.0");
     }
 
     #[test]

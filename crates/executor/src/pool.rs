@@ -261,6 +261,21 @@ struct QueueRun {
     /// Whether an ending item may hand its slot on (see [`Handoff`]). Not for a queue with a
     /// rate limit: its claim loop paces its starts.
     hands_on: bool,
+    /// The settings of an item whose batch and own config are empty (most items): the
+    /// queue's, read once.
+    default_settings: ItemSettings,
+}
+
+impl QueueRun {
+    /// An item's merged config and the settings read from it.
+    fn config_of(&self, item: &ClaimedItem) -> (JsonMap, ItemSettings) {
+        if item.batch_config.is_empty() && item.item_config.is_empty() {
+            return (self.queue.defaults.clone(), self.default_settings);
+        }
+        let config = merge_config([&self.queue.defaults, &item.batch_config, &item.item_config]);
+        let settings = ItemSettings::from_config(&config);
+        (config, settings)
+    }
 }
 
 /// Whether a notice may mean work for this queue.
@@ -279,6 +294,7 @@ async fn claim_loop(inner: Arc<Inner>, queue: QueueConfig, handler: Arc<dyn Hand
     let slot_freed = Arc::new(Notify::new());
     let mut bucket = (queue.rate_per_second > 0.0).then(|| TokenBucket::new(queue.rate_per_second, queue.burst));
     let run = Arc::new(QueueRun {
+        default_settings: ItemSettings::from_config(&queue.defaults),
         queue: queue.clone(),
         handler,
         hands_on: bucket.is_none(),
@@ -461,15 +477,14 @@ fn start_item(inner: &Arc<Inner>, run: &Arc<QueueRun>, item: ClaimedItem, slot: 
 /// Runs one claimed item to the end of its attempt and reports the result.
 async fn run_item(inner: &Arc<Inner>, run: &Arc<QueueRun>, item: ClaimedItem, cancel: CancellationToken, slot: Slot) {
     let (queue, handler) = (&run.queue, &run.handler);
-    let config = merge_config([&queue.defaults, &item.batch_config, &item.item_config]);
-    let settings = ItemSettings::from_config(&config);
+    let (config, settings) = run.config_of(&item);
     let releases_context = item.input.get("release_context").and_then(Value::as_bool) == Some(true);
-    let info = BatchInfo {
+    // Only a sequential batch shares a context, which needs these.
+    let info = (item.mode == Mode::Sequential).then(|| BatchInfo {
         batch_id: item.batch_id.clone(),
         session_id: item.session_id.clone(),
         config: item.batch_config.clone(),
-    };
-    let sequential = item.mode == Mode::Sequential;
+    });
     let (item_id, lease_token, attempt) = (item.id.clone(), item.lease_token.clone(), item.attempt);
     let started = tokio::time::Instant::now();
     if let Some(observer) = &inner.config.observer {
@@ -485,7 +500,7 @@ async fn run_item(inner: &Arc<Inner>, run: &Arc<QueueRun>, item: ClaimedItem, ca
     ));
 
     // `None`: the handler handed the attempt on (`Completion::Accepted`); nothing to record.
-    let outcome = match open_context(inner, handler, &info, sequential).await {
+    let outcome = match open_context(inner, handler, info.as_ref()).await {
         Err(e) => Some(failure(e, &settings)),
         Ok(batch_context) => {
             let context = ItemContext::new(item, config, batch_context, cancel.clone(), inner.store.clone());
@@ -513,7 +528,7 @@ async fn run_item(inner: &Arc<Inner>, run: &Arc<QueueRun>, item: ClaimedItem, ca
     heartbeat.abort();
     // Released before the attempt is recorded: the batch's next item cannot be claimed before
     // that, so it never starts on the context this item let go.
-    if sequential && releases_context {
+    if let (Some(info), true) = (&info, releases_context) {
         close_context(inner, &info.batch_id).await;
     }
     let Some(outcome) = outcome else {
@@ -559,7 +574,7 @@ async fn run_item(inner: &Arc<Inner>, run: &Arc<QueueRun>, item: ClaimedItem, ca
             tracing::error!(item = %item_id, attempt, error = %e, "could not record the attempt; its lease will expire")
         }
     }
-    if sequential {
+    if let Some(info) = &info {
         let item_waits = matches!(
             result,
             Ok(FinishResult::Applied(ItemStatus::NeedsInput | ItemStatus::Pending))
@@ -615,12 +630,11 @@ async fn batch_is_done(store: &Arc<dyn Store>, batch_id: &str) -> bool {
 async fn open_context(
     inner: &Arc<Inner>,
     handler: &Arc<dyn Handler>,
-    info: &BatchInfo,
-    sequential: bool,
+    info: Option<&BatchInfo>,
 ) -> Result<Option<BatchContext>, HandlerError> {
-    if !sequential {
+    let Some(info) = info else {
         return Ok(None);
-    }
+    };
     let mut contexts = inner.contexts.lock().await;
     if let Some(open) = contexts.get(&info.batch_id) {
         return Ok(Some(open.context.clone()));

@@ -34,7 +34,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use batchd_domain::claim::{ClaimCursor, Waiting, parse_range_token, range_lease_token};
+use batchd_domain::claim::{ClaimCursor, RangeTokens, Waiting, parse_range_token, range_lease_token};
 use batchd_domain::transition::{batch as batch_sm, item as item_sm};
 use batchd_domain::{
     BatchStatus, CancelReason, Counts, DeliveryStatus, EventType, FailureDecision, ItemStatus, JsonMap, Mode,
@@ -2098,6 +2098,7 @@ async fn claim_range(
     t.move_items(ItemStatus::Pending, ItemStatus::Running, n);
     t.start(now)?;
     let (batch_config, session_id) = (object(t.row.config.clone()), t.row.session_id.clone());
+    let tokens = RangeTokens::new(lease_id, &secret);
     let mut out = Vec::with_capacity(taken.len());
     for row in taken {
         let snapshot = ItemSnapshot {
@@ -2115,7 +2116,7 @@ async fn claim_range(
         t.event(EventType::ItemStarted, Some(snapshot), None, Some(data), now);
         let ready_at = [row.updated_at].into_iter().chain(t.row.run_at).max().unwrap_or(row.updated_at).min(now);
         out.push(ClaimedItem {
-            lease_token: range_lease_token(lease_id, &secret, row.item_index),
+            lease_token: tokens.token(row.item_index),
             lease_expires_at,
             id: row.id,
             batch_id: t.row.id.clone(),

@@ -16,6 +16,7 @@ both_backends!(
     concurrency_limit_holds_and_work_overlaps,
     rate_limit_holds_within_its_burst,
     a_timed_out_attempt_fails_and_is_retried,
+    batch_and_item_config_override_the_queue_settings,
     retry_delays_follow_the_policy,
     a_panic_is_a_failure,
     a_queue_kept_out_by_another_starts_once_it_frees_the_node,
@@ -124,6 +125,85 @@ async fn a_timed_out_attempt_fails_and_is_retried(backend: Backend) {
     );
     let types = h.event_types(&id).await;
     assert!(types.contains(&"item.retry_scheduled".to_owned()) && types.contains(&"item.failed".to_owned()));
+    h.shutdown().await;
+}
+
+/// Sleeps for its input's `sleep_ms` and records the config each item ran with.
+#[derive(Clone, Default)]
+struct ConfigSeen {
+    seen: Arc<Mutex<Vec<(String, serde_json::Value)>>>,
+}
+
+#[async_trait]
+impl Handler for ConfigSeen {
+    async fn run(&self, item: ItemContext) -> Result<Completion, HandlerError> {
+        self.seen
+            .lock()
+            .expect("not poisoned")
+            .push((item.item_id.clone(), serde_json::Value::Object(item.config.clone())));
+        let sleep = item
+            .input
+            .get("sleep_ms")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(sleep)).await;
+        Ok(Completion::Completed(json!(null)))
+    }
+}
+
+/// An item without a config of its own or of its batch runs with its queue's; a batch's
+/// config beats the queue's, and an item's beats its batch's, in what the handler sees and
+/// in the settings the pool applies (here the timeout).
+async fn batch_and_item_config_override_the_queue_settings(backend: Backend) {
+    let Some(mut h) = Harness::open(backend).await else {
+        return;
+    };
+    let handler = ConfigSeen::default();
+    let mut registry = HandlerRegistry::default();
+    registry.register("seen", handler.clone());
+    let mut q = queue("cfg", "seen", 4);
+    q.defaults.insert("model".into(), json!("q"));
+    h.start(registry, vec![q], |_| {});
+
+    let mut batch = new_batch(
+        "cfg",
+        Mode::Parallel,
+        vec![json!({"sleep_ms": 10_000}), json!({"sleep_ms": 300})],
+    );
+    batch.config = json!({"timeout_ms": 100, "model": "b"})
+        .as_object()
+        .cloned()
+        .expect("an object");
+    batch.items[0].max_attempts = 1;
+    batch.items[1].config = json!({"timeout_ms": 5_000}).as_object().cloned().expect("an object");
+    let (id, ids) = h.submit_batch(batch).await;
+    let (plain, plain_ids) = h.submit("cfg", Mode::Parallel, vec![json!({})]).await;
+    h.wait_until_ended(&id).await;
+    h.wait_until_ended(&plain).await;
+
+    let timed_out = h.store.get_item(Scope::All, &ids[0]).await.expect("item");
+    assert_eq!(timed_out.status, ItemStatus::Failed, "the batch's timeout applied");
+    assert!(
+        timed_out
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("timed out after 100 ms")),
+        "{:?}",
+        timed_out.error
+    );
+    let kept = h.store.get_item(Scope::All, &ids[1]).await.expect("item");
+    assert_eq!(kept.status, ItemStatus::Completed, "the item's own timeout applied");
+
+    let seen: std::collections::HashMap<String, serde_json::Value> =
+        handler.seen.lock().expect("not poisoned").iter().cloned().collect();
+    let config_of = |item: &str, key: &str| seen.get(item).and_then(|c| c.get(key)).cloned();
+    assert_eq!(config_of(&ids[0], "timeout_ms"), Some(json!(100)));
+    assert_eq!(config_of(&ids[0], "model"), Some(json!("b")));
+    assert_eq!(config_of(&ids[1], "timeout_ms"), Some(json!(5_000)));
+    assert_eq!(config_of(&ids[1], "model"), Some(json!("b")));
+    assert_eq!(config_of(&plain_ids[0], "timeout_ms"), Some(json!(180_000)));
+    assert_eq!(config_of(&plain_ids[0], "model"), Some(json!("q")));
+    assert_eq!(config_of(&plain_ids[0], "max_attempts"), Some(json!(3)));
     h.shutdown().await;
 }
 
