@@ -68,7 +68,7 @@ pub fn range_lease_token(lease_id: i64, secret: &str, index: i32) -> String {
 }
 
 /// The lease tokens of one range lease's items: the part they share is formatted once (a
-/// claim mints a token for each item it takes, while it holds the write lock).
+/// claim mints a token for each item it takes, inside its transaction).
 #[derive(Debug, Clone)]
 pub struct RangeTokens {
     prefix: String,
