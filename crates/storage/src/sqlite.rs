@@ -426,14 +426,7 @@ async fn complete_fresh(
             let batch_runs_on = match runs_on.get(batch_id) {
                 Some(&known) => known,
                 None => {
-                    let known: bool = diesel::RunQueryDsl::get_result(
-                        diesel::select(
-                            diesel::dsl::sql::<diesel::sql_types::Bool>("EXISTS (SELECT 1 FROM batches AS b WHERE b.id = ")
-                                .bind::<diesel::sql_types::Text, _>(batch_id)
-                                .sql(concat!(" AND ", batch_runs_on!(), ")")),
-                        ),
-                        conn,
-                    )?;
+                    let known: bool = diesel::RunQueryDsl::get_result(BatchRunsOn { batch_id }, conn)?;
                     runs_on.insert(batch_id.clone(), known);
                     known
                 }
@@ -749,14 +742,42 @@ row_statement!(CompleteOwn<OwnEnd>, CompletedItemSql);
 
 /// Whether batch `b` runs on, so its items' completions are written the quick way: an item
 /// of a batch that is cancelling or failed ends the general way. Without an `IN` list
-/// (SQLite builds a temporary index for one on every run). Read by [`complete_fresh`] once
+/// (SQLite builds a temporary index for one on every run). Read by [`BatchRunsOn`] once
 /// per batch, and part of every [`CompleteOwn`].
 macro_rules! batch_runs_on {
     () => {
         "(b.status = 'pending' OR b.status = 'running' OR b.status = 'paused')"
     };
 }
-use batch_runs_on;
+
+/// `SELECT EXISTS (<batch_id's batch runs on>)`: fixed text and a static query id, so the
+/// connection prepares it once (diesel never caches a statement built with `sql`).
+struct BatchRunsOn<'a> {
+    batch_id: &'a str,
+}
+
+impl<Conn> diesel::RunQueryDsl<Conn> for BatchRunsOn<'_> {}
+
+impl diesel::query_builder::QueryId for BatchRunsOn<'_> {
+    type QueryId = BatchRunsOn<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::Query for BatchRunsOn<'_> {
+    type SqlType = diesel::sql_types::Bool;
+}
+
+impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for BatchRunsOn<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
+    ) -> QueryResult<()> {
+        out.push_sql("SELECT EXISTS (SELECT 1 FROM batches AS b WHERE b.id = ");
+        out.push_bind_param::<diesel::sql_types::Text, _>(self.batch_id)?;
+        out.push_sql(concat!(" AND ", batch_runs_on!(), ")"));
+        Ok(())
+    }
+}
 
 /// The batch condition of the completions.
 const BATCH_RUNS_ON: &str = concat!(
