@@ -3,7 +3,9 @@
 // - `schema`: the backend's generated diesel schema;
 // - `Conn`: its connection type, and `Self::read_conn` / `Self::write_conn` on the store;
 // - `Db`: its diesel backend, and `SqlTimestamp` the SQL type of times, for hand-written SQL;
-// - `ReadTime`: what a time is read as on the claim path, then turned into an `OffsetDateTime`;
+// - `db_time(t)`: a time as the query builder binds it (`DbTime`; a row written through it binds
+//   `DbTime` and, for a nullable time, `DbMaybeTime`): the time itself on PostgreSQL, integer
+//   microseconds on SQLite (`sqlite/micros.rs`);
 // - `Self::transaction(f)`: runs `f` in a write transaction (`BEGIN IMMEDIATE` on SQLite, the
 //   whole transaction in one trip to a blocking thread);
 // - `locked!(query)` / `skip_locked!(query)`: `FOR UPDATE [SKIP LOCKED]` on PostgreSQL, nothing
@@ -68,6 +70,7 @@ struct BatchRow {
     mode: String,
     on_item_failure: String,
     priority: i32,
+    #[diesel(serialize_as = DbMaybeTime)]
     run_at: Option<OffsetDateTime>,
     config: Value,
     webhook_url: Option<String>,
@@ -88,9 +91,13 @@ struct BatchRow {
     idempotency_key: Option<String>,
     request_hash: String,
     last_event_seq: i64,
+    #[diesel(serialize_as = DbTime)]
     created_at: OffsetDateTime,
+    #[diesel(serialize_as = DbMaybeTime)]
     started_at: Option<OffsetDateTime>,
+    #[diesel(serialize_as = DbTime)]
     updated_at: OffsetDateTime,
+    #[diesel(serialize_as = DbMaybeTime)]
     completed_at: Option<OffsetDateTime>,
     seq: i64,
     next_index: i32,
@@ -140,9 +147,11 @@ struct ItemState<'a> {
     status: &'a str,
     blocked: bool,
     attempts: i32,
+    #[diesel(serialize_as = DbMaybeTime)]
     next_attempt_at: Option<OffsetDateTime>,
     lease_owner: Option<&'a str>,
     lease_token: Option<&'a str>,
+    #[diesel(serialize_as = DbMaybeTime)]
     lease_expires_at: Option<OffsetDateTime>,
     step: Option<&'a str>,
     message: Option<&'a str>,
@@ -153,8 +162,11 @@ struct ItemState<'a> {
     question: Option<&'a Value>,
     answer: Option<&'a Value>,
     cancel_reason: Option<&'a str>,
+    #[diesel(serialize_as = DbMaybeTime)]
     started_at: Option<OffsetDateTime>,
+    #[diesel(serialize_as = DbTime)]
     updated_at: OffsetDateTime,
+    #[diesel(serialize_as = DbMaybeTime)]
     completed_at: Option<OffsetDateTime>,
 }
 
@@ -174,7 +186,9 @@ struct NewItemRow {
     blocked: bool,
     attempts: i32,
     max_attempts: i32,
+    #[diesel(serialize_as = DbTime)]
     created_at: OffsetDateTime,
+    #[diesel(serialize_as = DbTime)]
     updated_at: OffsetDateTime,
 }
 
@@ -193,7 +207,6 @@ struct FreshRow {
     attempts: i32,
     max_attempts: i32,
     started_at: Option<OffsetDateTime>,
-    #[diesel(deserialize_as = ReadTime)]
     updated_at: OffsetDateTime,
 }
 
@@ -269,6 +282,7 @@ struct EntryRow {
     batch_seq: i64,
     item_index: i32,
     blocked: bool,
+    #[diesel(serialize_as = DbMaybeTime)]
     not_before: Option<OffsetDateTime>,
 }
 
@@ -309,7 +323,9 @@ struct NewLeaseRow {
     owner: String,
     secret: String,
     running: i32,
+    #[diesel(serialize_as = DbTime)]
     started_at: OffsetDateTime,
+    #[diesel(serialize_as = DbTime)]
     expires_at: OffsetDateTime,
 }
 
@@ -446,8 +462,11 @@ struct NewDeliveryRow {
     payload: String,
     status: &'static str,
     attempts: i32,
+    #[diesel(serialize_as = DbMaybeTime)]
     next_attempt_at: Option<OffsetDateTime>,
+    #[diesel(serialize_as = DbTime)]
     created_at: OffsetDateTime,
+    #[diesel(serialize_as = DbTime)]
     updated_at: OffsetDateTime,
 }
 
@@ -474,6 +493,7 @@ struct DeliveryRow {
 struct AttemptRow {
     delivery_id: String,
     attempt: i32,
+    #[diesel(serialize_as = DbTime)]
     at: OffsetDateTime,
     status_code: Option<i32>,
     latency_ms: i64,
@@ -1340,7 +1360,7 @@ async fn unblock_next(c: &mut Conn, batch: &BatchRow, now: OffsetDateTime) -> Re
         .execute(c)
         .await?;
     diesel::update(items::table.filter(items::seq.eq(next.item_seq)))
-        .set((items::blocked.eq(false), items::updated_at.eq(now)))
+        .set((items::blocked.eq(false), items::updated_at.eq(db_time(now))))
         .execute(c)
         .await?;
     Ok(Some(Notice::Work { queue: batch.queue.clone() }))
@@ -1551,8 +1571,8 @@ async fn cancel_waiting_items(
                 .set((
                     items::status.eq(ItemStatus::Cancelled.as_str()),
                     items::cancel_reason.eq(reason.as_str()),
-                    items::completed_at.eq(now),
-                    items::updated_at.eq(now),
+                    items::completed_at.eq(db_time(now)),
+                    items::updated_at.eq(db_time(now)),
                     items::next_attempt_at.eq(None::<OffsetDateTime>),
                 ))
                 .execute(c)
@@ -1722,12 +1742,12 @@ where
         queue_entries::table
             .filter(queue_entries::queue.eq(&request.queue))
             .filter(Unblocked)
-            .filter(queue_entries::not_before.is_null().or(queue_entries::not_before.le(now)))
+            .filter(queue_entries::not_before.is_null().or(queue_entries::not_before.le(db_time(now))))
             .filter(diesel::dsl::exists(
                 batches::table
                     .filter(batches::id.eq(queue_entries::batch_id))
                     .filter(BatchClaimable)
-                    .filter(batches::run_at.is_null().or(batches::run_at.le(now))),
+                    .filter(batches::run_at.is_null().or(batches::run_at.le(db_time(now)))),
             ))
             .order((queue_entries::priority.desc(), queue_entries::batch_seq.asc(), queue_entries::item_index.asc()))
             .limit((request.max_items + taken.len()) as i64)
@@ -1757,7 +1777,7 @@ where
     let found: Vec<(String, i64, i32, i64)> = batches::table
         .filter(batches::queue.eq(&request.queue))
         .filter(HasUnclaimed)
-        .filter(batches::run_at.is_null().or(batches::run_at.le(now)))
+        .filter(batches::run_at.is_null().or(batches::run_at.le(db_time(now))))
         .order((batches::priority.desc(), batches::seq.asc()))
         .limit(request.max_items as i64)
         .select((batches::id, batches::seq, batches::priority, batches::unclaimed))
@@ -2600,7 +2620,7 @@ impl ThisStore {
             next_index: 0,
             unclaimed: if sequential { 0 } else { total },
         };
-        diesel::insert_into(batches::table).values(&row).execute(c).await?;
+        diesel::insert_into(batches::table).values(row.clone()).execute(c).await?;
         let item_rows: Vec<NewItemRow> = new
             .items
             .iter()
@@ -2719,11 +2739,11 @@ impl crate::Store for ThisStore {
             q = q.filter(batches::session_id.eq(s.clone()));
         }
         if let Some(after) = filter.created_after {
-            q = q.filter(batches::created_at.gt(after));
+            q = q.filter(batches::created_at.gt(db_time(after)));
         }
         if let Some(cursor) = &page.cursor {
             let (t, id) = decode_time_cursor(cursor).ok_or_else(bad_cursor)?;
-            q = q.filter(batches::created_at.lt(t).or(batches::created_at.eq(t).and(batches::id.lt(id))));
+            q = q.filter(batches::created_at.lt(db_time(t)).or(batches::created_at.eq(db_time(t)).and(batches::id.lt(id))));
         }
         let limit = page_limit(page);
         let mut rows: Vec<BatchRow> =
@@ -2792,14 +2812,14 @@ impl crate::Store for ThisStore {
     ) -> Result<Page<ItemRecord>, StoreError> {
         let now = self.now();
         let mut conn = self.read_conn().await?;
-        let mut q = items::table.filter(items::created_at.ge(since)).select(ItemRow::as_select()).into_boxed();
+        let mut q = items::table.filter(items::created_at.ge(db_time(since))).select(ItemRow::as_select()).into_boxed();
         if let Some(t) = scope.tenant() {
             q = q.filter(items::tenant.eq(t.to_owned()));
         }
         if let Some(cursor) = &page.cursor {
             q = match decode_recent_cursor(cursor)? {
                 (Some(t), seq) => {
-                    q.filter(items::created_at.ge(t).and(items::created_at.gt(t).or(items::seq.gt(seq))))
+                    q.filter(items::created_at.ge(db_time(t)).and(items::created_at.gt(db_time(t)).or(items::seq.gt(seq))))
                 }
                 (None, seq) => q.filter(items::seq.gt(seq)),
             };
@@ -2926,11 +2946,11 @@ impl crate::Store for ThisStore {
                             return Ok((None, Vec::new()));
                         }
                         diesel::update(items::table.filter(items::seq.eq(row.seq)))
-                            .set((items::lease_expires_at.eq(expires), items::updated_at.eq(now)))
+                            .set((items::lease_expires_at.eq(db_time(expires)), items::updated_at.eq(db_time(now))))
                             .execute(c)
                             .await?;
                         diesel::update(leases::table.filter(leases::item_seq.eq(row.seq)))
-                            .set(leases::expires_at.eq(expires))
+                            .set(leases::expires_at.eq(db_time(expires)))
                             .execute(c)
                             .await?;
                         expires
@@ -2945,7 +2965,7 @@ impl crate::Store for ThisStore {
                         };
                         let until = range.expires_at.max(expires);
                         diesel::update(leases::table.find(range.id))
-                            .set(leases::expires_at.eq(until))
+                            .set(leases::expires_at.eq(db_time(until)))
                             .execute(c)
                             .await?;
                         until
@@ -3195,7 +3215,7 @@ impl crate::Store for ThisStore {
                 DropIdleLeases { now, _row: std::marker::PhantomData }.execute(c).await?;
                 // Read without locks first: the lock order puts lease rows last.
                 let expired: Vec<LeaseRow> = leases::table
-                    .filter(leases::expires_at.lt(now))
+                    .filter(leases::expires_at.lt(db_time(now)))
                     .order(leases::expires_at.asc())
                     .limit(REQUEUE_BATCH)
                     .select(LeaseRow::as_select())
@@ -3246,7 +3266,7 @@ impl crate::Store for ThisStore {
                 let still: HashMap<i64, LeaseRow> = locked!(
                     leases::table
                         .filter(leases::id.eq_any(ids))
-                        .filter(leases::expires_at.lt(now))
+                        .filter(leases::expires_at.lt(db_time(now)))
                         .order(leases::id.asc())
                         .select(LeaseRow::as_select())
                 )
@@ -3436,10 +3456,10 @@ impl crate::Store for ThisStore {
         self.write(move |c| {
             Box::pin(async move {
                 diesel::insert_into(queue_states::table)
-                    .values((queue_states::name.eq(&queue), queue_states::paused.eq(paused), queue_states::updated_at.eq(now)))
+                    .values((queue_states::name.eq(&queue), queue_states::paused.eq(paused), queue_states::updated_at.eq(db_time(now))))
                     .on_conflict(queue_states::name)
                     .do_update()
-                    .set((queue_states::paused.eq(paused), queue_states::updated_at.eq(now)))
+                    .set((queue_states::paused.eq(paused), queue_states::updated_at.eq(db_time(now))))
                     .execute(c)
                     .await?;
                 let mut notices = vec![Notice::Queue { queue: queue.clone() }];
@@ -3464,7 +3484,7 @@ impl crate::Store for ThisStore {
             .await?;
         let recent: Vec<(String, i64)> = items::table
             .filter(items::status.eq(ItemStatus::Completed.as_str()))
-            .filter(items::completed_at.gt(now - Duration::from_secs(60)))
+            .filter(items::completed_at.gt(db_time(now - Duration::from_secs(60))))
             .group_by(items::queue)
             .select((items::queue, diesel::dsl::count_star()))
             .load(&mut *conn)
@@ -3505,7 +3525,7 @@ impl crate::Store for ThisStore {
         self.write(move |c| {
             Box::pin(async move {
                 let ids: Vec<String> = batches::table
-                    .filter(batches::completed_at.lt(before))
+                    .filter(batches::completed_at.lt(db_time(before)))
                     .filter(batches::status.eq_any([
                         BatchStatus::Completed.as_str(),
                         BatchStatus::Failed.as_str(),
@@ -3551,11 +3571,11 @@ impl crate::Store for ThisStore {
                 let ids: Vec<String> = skip_locked!(
                     webhook_deliveries::table
                         .filter(webhook_deliveries::status.eq(DeliveryStatus::Pending.as_str()))
-                        .filter(webhook_deliveries::next_attempt_at.le(now))
+                        .filter(webhook_deliveries::next_attempt_at.le(db_time(now)))
                         .filter(
                             webhook_deliveries::lease_expires_at
                                 .is_null()
-                                .or(webhook_deliveries::lease_expires_at.le(now)),
+                                .or(webhook_deliveries::lease_expires_at.le(db_time(now))),
                         )
                         .order((webhook_deliveries::next_attempt_at.asc(), webhook_deliveries::id.asc()))
                         .limit(max.min(1_000) as i64)
@@ -3569,8 +3589,8 @@ impl crate::Store for ThisStore {
                     diesel::update(webhook_deliveries::table.find(&id))
                         .set((
                             webhook_deliveries::lease_token.eq(&lease_token),
-                            webhook_deliveries::lease_expires_at.eq(lease_expires_at),
-                            webhook_deliveries::updated_at.eq(now),
+                            webhook_deliveries::lease_expires_at.eq(db_time(lease_expires_at)),
+                            webhook_deliveries::updated_at.eq(db_time(now)),
                         ))
                         .execute(c)
                         .await?;
@@ -3650,7 +3670,7 @@ impl crate::Store for ThisStore {
                         webhook_deliveries::next_attempt_at.eq(next_attempt_at),
                         webhook_deliveries::lease_token.eq(None::<String>),
                         webhook_deliveries::lease_expires_at.eq(None::<OffsetDateTime>),
-                        webhook_deliveries::updated_at.eq(now),
+                        webhook_deliveries::updated_at.eq(db_time(now)),
                     ))
                     .execute(c)
                     .await?;
@@ -3734,11 +3754,11 @@ fn due_deliveries(
 ) -> webhook_deliveries::BoxedQuery<'static, <Conn as diesel_async::AsyncConnectionCore>::Backend> {
     webhook_deliveries::table
         .filter(webhook_deliveries::status.eq(DeliveryStatus::Pending.as_str()))
-        .filter(webhook_deliveries::next_attempt_at.le(now))
+        .filter(webhook_deliveries::next_attempt_at.le(db_time(now)))
         .filter(
             webhook_deliveries::lease_expires_at
                 .is_null()
-                .or(webhook_deliveries::lease_expires_at.le(now)),
+                .or(webhook_deliveries::lease_expires_at.le(db_time(now))),
         )
         .order((webhook_deliveries::next_attempt_at.asc(), webhook_deliveries::id.asc()))
         .into_boxed()

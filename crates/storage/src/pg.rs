@@ -39,8 +39,16 @@ type Conn = AsyncPgConnection;
 type Db = diesel::pg::Pg;
 /// The SQL type of the times in hand-written SQL.
 type SqlTimestamp = diesel::sql_types::Timestamptz;
-/// Times on the claim path: they arrive binary, with nothing to parse.
-type ReadTime = OffsetDateTime;
+/// A time as the query builder binds it: itself.
+type DbTime = OffsetDateTime;
+/// A time or none, as a row written by the query builder binds it: itself.
+type DbMaybeTime = Option<OffsetDateTime>;
+
+/// See [`DbTime`].
+fn db_time(t: OffsetDateTime) -> DbTime {
+    t
+}
+
 /// The SQL type of JSON columns in hand-written SQL.
 type SqlJson = diesel::sql_types::Jsonb;
 type ThisStore = PgStore;

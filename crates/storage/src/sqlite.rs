@@ -3,6 +3,7 @@
 //! start with `BEGIN IMMEDIATE`, a small pool of readers, and notices through an in-process
 //! channel after each commit.
 
+mod micros;
 mod schema;
 
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use diesel_async::{AsyncConnection, TransactionManager};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
+use self::micros::{MaybeMicros, Micros, UnixMicros};
 use crate::notify::Notifier;
 use crate::{Clock, StoreOptions};
 
@@ -58,9 +60,17 @@ impl SpawnBlocking for Inline {
 }
 type Db = diesel::sqlite::Sqlite;
 /// The SQL type of the times in hand-written SQL.
-type SqlTimestamp = diesel::sql_types::TimestamptzSqlite;
-/// Times read on the claim path: see [`StoredTime`].
-type ReadTime = StoredTime;
+type SqlTimestamp = UnixMicros;
+/// A time as the query builder binds it (see [`micros`]).
+type DbTime = Micros;
+/// A time or none, as a row written by the query builder binds it.
+type DbMaybeTime = MaybeMicros;
+
+/// See [`DbTime`].
+fn db_time(t: OffsetDateTime) -> DbTime {
+    Micros(t)
+}
+
 /// The SQL type of JSON columns in hand-written SQL.
 type SqlJson = diesel::sql_types::Json;
 type ThisStore = SqliteStore;
@@ -138,7 +148,7 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for SaveItem<'
         &'b self,
         mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
     ) -> QueryResult<()> {
-        use diesel::sql_types::{BigInt, Bool, Integer, Json, Nullable, Text, TimestamptzSqlite};
+        use diesel::sql_types::{BigInt, Bool, Integer, Json, Nullable, Text};
         let row = self.0;
         out.push_sql("UPDATE items SET status = ");
         out.push_bind_param::<Text, _>(&row.status)?;
@@ -147,13 +157,13 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for SaveItem<'
         out.push_sql(", attempts = ");
         out.push_bind_param::<Integer, _>(&row.attempts)?;
         out.push_sql(", next_attempt_at = ");
-        out.push_bind_param::<Nullable<TimestamptzSqlite>, _>(&row.next_attempt_at)?;
+        out.push_bind_param::<Nullable<UnixMicros>, _>(&row.next_attempt_at)?;
         out.push_sql(", lease_owner = ");
         out.push_bind_param::<Nullable<Text>, _>(&row.lease_owner)?;
         out.push_sql(", lease_token = ");
         out.push_bind_param::<Nullable<Text>, _>(&row.lease_token)?;
         out.push_sql(", lease_expires_at = ");
-        out.push_bind_param::<Nullable<TimestamptzSqlite>, _>(&row.lease_expires_at)?;
+        out.push_bind_param::<Nullable<UnixMicros>, _>(&row.lease_expires_at)?;
         out.push_sql(", step = ");
         out.push_bind_param::<Nullable<Text>, _>(&row.step)?;
         out.push_sql(", message = ");
@@ -173,11 +183,11 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for SaveItem<'
         out.push_sql(", cancel_reason = ");
         out.push_bind_param::<Nullable<Text>, _>(&row.cancel_reason)?;
         out.push_sql(", started_at = ");
-        out.push_bind_param::<Nullable<TimestamptzSqlite>, _>(&row.started_at)?;
+        out.push_bind_param::<Nullable<UnixMicros>, _>(&row.started_at)?;
         out.push_sql(", updated_at = ");
-        out.push_bind_param::<TimestamptzSqlite, _>(&row.updated_at)?;
+        out.push_bind_param::<UnixMicros, _>(&row.updated_at)?;
         out.push_sql(", completed_at = ");
-        out.push_bind_param::<Nullable<TimestamptzSqlite>, _>(&row.completed_at)?;
+        out.push_bind_param::<Nullable<UnixMicros>, _>(&row.completed_at)?;
         out.push_sql(" WHERE seq = ");
         out.push_bind_param::<BigInt, _>(&row.seq)?;
         Ok(())
@@ -191,13 +201,12 @@ async fn insert_items(c: &mut Conn, rows: Vec<NewItemRow>) -> Result<(), StoreEr
         return Ok(());
     }
     c.spawn_blocking(move |conn| {
-        let times = ItemTimes::of(&rows);
         let mut rest = rows.as_slice();
         while !rest.is_empty() {
             rest = match rest.len() {
-                64.. => insert_items_first::<64>(conn, rest, &times)?,
-                8.. => insert_items_first::<8>(conn, rest, &times)?,
-                _ => insert_items_first::<1>(conn, rest, &times)?,
+                64.. => insert_items_first::<64>(conn, rest)?,
+                8.. => insert_items_first::<8>(conn, rest)?,
+                _ => insert_items_first::<1>(conn, rest)?,
             };
         }
         Ok(())
@@ -210,41 +219,15 @@ async fn insert_items(c: &mut Conn, rows: Vec<NewItemRow>) -> Result<(), StoreEr
 fn insert_items_first<'a, const N: usize>(
     conn: &mut SqliteConnection,
     rows: &'a [NewItemRow],
-    times: &ItemTimes,
 ) -> QueryResult<&'a [NewItemRow]> {
     let (head, rest) = rows.split_at(N);
-    diesel::RunQueryDsl::execute(ItemsInsert::<N> { rows: head, times }, conn)?;
+    diesel::RunQueryDsl::execute(ItemsInsert::<N> { rows: head }, conn)?;
     Ok(rest)
 }
 
-/// The times of a batch's new items as text, each distinct time formatted once (a batch's
-/// items all share one).
-struct ItemTimes(Vec<(OffsetDateTime, String)>);
-
-impl ItemTimes {
-    fn of(rows: &[NewItemRow]) -> Self {
-        let mut texts: Vec<(OffsetDateTime, String)> = Vec::with_capacity(1);
-        for t in rows.iter().flat_map(|r| [r.created_at, r.updated_at]) {
-            if !texts.iter().any(|(known, _)| *known == t) {
-                texts.push((t, sqlite_time(t)));
-            }
-        }
-        Self(texts)
-    }
-
-    fn text(&self, t: OffsetDateTime) -> &str {
-        self.0
-            .iter()
-            .find(|(known, _)| *known == t)
-            .map_or("", |(_, text)| text.as_str())
-    }
-}
-
-/// `INSERT INTO items … VALUES (…), …` with exactly `N` rows, as [`FixedInsert`], with the
-/// times bound as text formatted once.
+/// `INSERT INTO items … VALUES (…), …` with exactly `N` rows, as [`FixedInsert`].
 struct ItemsInsert<'a, const N: usize> {
     rows: &'a [NewItemRow],
-    times: &'a ItemTimes,
 }
 
 impl<Conn, const N: usize> diesel::RunQueryDsl<Conn> for ItemsInsert<'_, N> {}
@@ -293,9 +276,9 @@ impl<const N: usize> diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite
             out.push_sql(", ");
             out.push_bind_param::<Integer, _>(&row.max_attempts)?;
             out.push_sql(", ");
-            out.push_bind_param::<Text, _>(self.times.text(row.created_at))?;
+            out.push_bind_param::<UnixMicros, _>(&row.created_at)?;
             out.push_sql(", ");
-            out.push_bind_param::<Text, _>(self.times.text(row.updated_at))?;
+            out.push_bind_param::<UnixMicros, _>(&row.updated_at)?;
             out.push_sql(")");
         }
         Ok(())
@@ -412,9 +395,7 @@ async fn complete_fresh(
     }
     rows.sort_unstable_by(|a, b| (&a.batch_id, a.item_index).cmp(&(&b.batch_id, b.item_index)));
     Ok(c.spawn_blocking(move |conn| {
-        let now = sqlite_time(now);
         let mut runs_on: HashMap<String, bool> = HashMap::new();
-        let mut started: Option<(OffsetDateTime, String)> = None;
         let mut written = Vec::with_capacity(rows.len());
         let mut rows = rows.into_iter().peekable();
         while let Some(first) = rows.next() {
@@ -435,12 +416,9 @@ async fn complete_fresh(
                 continue;
             }
             // Every item of a run started together.
-            if started.as_ref().is_none_or(|(at, _)| *at != run[0].started_at) {
-                started = Some((run[0].started_at, sqlite_time(run[0].started_at)));
-            }
-            let started_at = started.as_ref().map(|(_, text)| text.as_str()).unwrap_or_default();
+            let started_at = run[0].started_at;
             if run.len() >= MIN_FRESH_RUN {
-                match complete_fresh_run(conn, &run, started_at, &now)? {
+                match complete_fresh_run(conn, &run, started_at, now)? {
                     Some(done) => {
                         written.extend(run.into_iter().zip(done).filter_map(|(end, done)| done.then_some(end)));
                         continue;
@@ -452,7 +430,7 @@ async fn complete_fresh(
                 let statement = CompleteFresh {
                     end: &end,
                     started_at,
-                    now: &now,
+                    now,
                 };
                 if diesel::RunQueryDsl::execute(statement, conn)? == 1 {
                     written.push(end);
@@ -480,8 +458,8 @@ fn continues(last: &FreshEnd, next: &FreshEnd) -> bool {
 fn complete_fresh_run(
     conn: &mut SqliteConnection,
     run: &[FreshEnd],
-    started_at: &str,
-    now: &str,
+    started_at: OffsetDateTime,
+    now: OffsetDateTime,
 ) -> QueryResult<Option<Vec<bool>>> {
     let first = run[0].item_index;
     let outcome = conn.transaction(|conn| {
@@ -508,88 +486,6 @@ fn complete_fresh_run(
         Err(diesel::result::Error::RollbackTransaction) => Ok(None),
         Err(e) => Err(e),
     }
-}
-
-/// A `TIMESTAMP` read the quick way. This store writes every time as diesel does (and as
-/// [`sqlite_time`] does): UTC, `YYYY-MM-DD HH:MM:SS[.fraction]+00:00`. That text is read
-/// here digit by digit; anything else goes to diesel's reader, which tries a dozen formats in
-/// turn through the generic parser of `time` (per claimed item, that was most of the cost of
-/// reading its row).
-#[derive(Debug, Clone, Copy, diesel::deserialize::FromSqlRow)]
-struct StoredTime(OffsetDateTime);
-
-impl From<StoredTime> for OffsetDateTime {
-    fn from(t: StoredTime) -> Self {
-        t.0
-    }
-}
-
-impl diesel::deserialize::FromSql<diesel::sql_types::TimestamptzSqlite, diesel::sqlite::Sqlite> for StoredTime {
-    fn from_sql(mut value: diesel::sqlite::SqliteValue<'_, '_, '_>) -> diesel::deserialize::Result<Self> {
-        if value.value_type() == Some(diesel::sqlite::SqliteType::Text)
-            && let Some(t) = parse_stored_time(value.read_text())
-        {
-            return Ok(StoredTime(t));
-        }
-        <OffsetDateTime as diesel::deserialize::FromSql<diesel::sql_types::TimestamptzSqlite, diesel::sqlite::Sqlite>>::from_sql(value)
-            .map(StoredTime)
-    }
-}
-
-/// `YYYY-MM-DD HH:MM:SS[.fraction of 1 to 9 digits]+00:00`, or `None`.
-fn parse_stored_time(text: &str) -> Option<OffsetDateTime> {
-    let b = text.as_bytes();
-    let (whole, rest) = (b.get(..19)?, &b[19..]);
-    let (fraction, offset) = match rest.split_first() {
-        Some((b'.', rest)) => {
-            let digits = rest.iter().take_while(|c| c.is_ascii_digit()).count();
-            (&rest[..digits], &rest[digits..])
-        }
-        _ => (&rest[..0], rest),
-    };
-    let punctuation = [(4, b'-'), (7, b'-'), (10, b' '), (13, b':'), (16, b':')];
-    let dotted = rest.first() == Some(&b'.');
-    if offset != b"+00:00"
-        || fraction.len() > 9
-        || (dotted && fraction.is_empty())
-        || punctuation.iter().any(|&(at, c)| whole[at] != c)
-    {
-        return None;
-    }
-    let number = |digits: &[u8]| -> Option<u32> {
-        digits
-            .iter()
-            .try_fold(0u32, |n, &c| c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0')))
-    };
-    let nanos = number(fraction)? * 10u32.pow(9 - fraction.len() as u32);
-    let date = time::Date::from_calendar_date(
-        i32::try_from(number(&whole[..4])?).ok()?,
-        time::Month::try_from(u8::try_from(number(&whole[5..7])?).ok()?).ok()?,
-        u8::try_from(number(&whole[8..10])?).ok()?,
-    )
-    .ok()?;
-    let time = time::Time::from_hms_nano(
-        u8::try_from(number(&whole[11..13])?).ok()?,
-        u8::try_from(number(&whole[14..16])?).ok()?,
-        u8::try_from(number(&whole[17..19])?).ok()?,
-        nanos,
-    )
-    .ok()?;
-    Some(time::PrimitiveDateTime::new(date, time).assume_utc())
-}
-
-/// A time as diesel writes it to a SQLite `TIMESTAMP` column (UTC, `+00:00`, subseconds
-/// only when there are some), so a statement can bind it as text formatted once.
-fn sqlite_time(t: OffsetDateTime) -> String {
-    const WHOLE: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
-        "[year]-[month]-[day] [hour]:[minute]:[second][offset_hour sign:mandatory]:[offset_minute]"
-    );
-    const SUBSECOND: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
-        "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond][offset_hour sign:mandatory]:[offset_minute]"
-    );
-    let t = t.to_offset(time::UtcOffset::UTC);
-    let format = if t.nanosecond() == 0 { WHOLE } else { SUBSECOND };
-    t.format(format).unwrap_or_default()
 }
 
 /// Completes items claimed one by one, while they still run under these tokens, the same
@@ -648,8 +544,8 @@ macro_rules! row_statement {
 /// times bound as text formatted once per transaction.
 struct CompleteFresh<'a> {
     end: &'a FreshEnd,
-    started_at: &'a str,
-    now: &'a str,
+    started_at: OffsetDateTime,
+    now: OffsetDateTime,
 }
 
 impl<Conn> diesel::RunQueryDsl<Conn> for CompleteFresh<'_> {}
@@ -665,7 +561,7 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for CompleteFr
         mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
     ) -> QueryResult<()> {
         use diesel::sql_types::{Integer, Text};
-        push_first_completion(&mut out, self.end, self.started_at, self.now)?;
+        push_first_completion(&mut out, self.end, &self.started_at, &self.now)?;
         out.push_sql(" AND item_index = ");
         out.push_bind_param::<Integer, _>(&self.end.item_index)?;
         out.push_sql(" AND id = ");
@@ -682,8 +578,8 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for CompleteFr
 struct CompleteFreshRun<'a> {
     first: &'a FreshEnd,
     last_index: i32,
-    started_at: &'a str,
-    now: &'a str,
+    started_at: OffsetDateTime,
+    now: OffsetDateTime,
 }
 
 impl<Conn> diesel::RunQueryDsl<Conn> for CompleteFreshRun<'_> {}
@@ -703,7 +599,7 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for CompleteFr
         mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
     ) -> QueryResult<()> {
         use diesel::sql_types::Integer;
-        push_first_completion(&mut out, self.first, self.started_at, self.now)?;
+        push_first_completion(&mut out, self.first, &self.started_at, &self.now)?;
         out.push_sql(" AND item_index BETWEEN ");
         out.push_bind_param::<Integer, _>(&self.first.item_index)?;
         out.push_sql(" AND ");
@@ -719,18 +615,18 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for CompleteFr
 fn push_first_completion<'b>(
     out: &mut diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
     end: &'b FreshEnd,
-    started_at: &'b str,
-    now: &'b str,
+    started_at: &'b OffsetDateTime,
+    now: &'b OffsetDateTime,
 ) -> QueryResult<()> {
     use diesel::sql_types::{Json, Text};
     out.push_sql("UPDATE items SET status = 'completed', attempts = 1, started_at = ");
-    out.push_bind_param::<Text, _>(started_at)?;
+    out.push_bind_param::<UnixMicros, _>(started_at)?;
     out.push_sql(", result = ");
     out.push_bind_param::<Json, _>(&end.result)?;
     out.push_sql(", error = NULL, completed_at = ");
-    out.push_bind_param::<Text, _>(now)?;
+    out.push_bind_param::<UnixMicros, _>(now)?;
     out.push_sql(", updated_at = ");
-    out.push_bind_param::<Text, _>(now)?;
+    out.push_bind_param::<UnixMicros, _>(now)?;
     out.push_sql(" WHERE batch_id = ");
     out.push_bind_param::<Text, _>(&end.batch_id)
 }
@@ -791,16 +687,16 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for CompleteOw
         &'b self,
         mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
     ) -> QueryResult<()> {
-        use diesel::sql_types::{Json, Text, TimestamptzSqlite};
+        use diesel::sql_types::{Json, Text};
         out.push_sql("UPDATE items SET status = 'completed', result = ");
         out.push_bind_param::<Json, _>(&self.end.result)?;
         out.push_sql(
             ", error = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, \
              next_attempt_at = NULL, completed_at = ",
         );
-        out.push_bind_param::<TimestamptzSqlite, _>(&self.now)?;
+        out.push_bind_param::<UnixMicros, _>(&self.now)?;
         out.push_sql(", updated_at = ");
-        out.push_bind_param::<TimestamptzSqlite, _>(&self.now)?;
+        out.push_bind_param::<UnixMicros, _>(&self.now)?;
         out.push_sql(" WHERE id = ");
         out.push_bind_param::<Text, _>(&self.end.id)?;
         out.push_sql(" AND status = 'running' AND lease_token = ");
@@ -1149,78 +1045,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn times_bound_as_text_read_as_diesel_writes_them() {
-        use diesel::sql_types::{Text, TimestamptzSqlite};
+    fn times_are_stored_as_integer_microseconds() {
+        use diesel::sql_types::BigInt;
         let mut conn = SqliteConnection::establish(":memory:").expect("an in-memory database");
-        for t in [
-            time::macros::datetime!(2026-12-06 04:00:00 UTC),
-            time::macros::datetime!(2026-12-06 04:00:00.123456 UTC),
-            time::macros::datetime!(2026-12-06 05:00:00.5 +01:00),
-        ] {
-            let written: String = diesel::RunQueryDsl::get_result(
-                diesel::select(diesel::dsl::sql::<Text>("").bind::<TimestamptzSqlite, _>(t)),
-                &mut conn,
-            )
-            .expect("select a bound time");
-            assert_eq!(sqlite_time(t), written);
-        }
-    }
-
-    /// Stores `text` in a `TIMESTAMP` column and reads it back as the claim path does.
-    fn read_stored(conn: &mut SqliteConnection, text: &str) -> OffsetDateTime {
-        use diesel::sql_types::{Text, TimestamptzSqlite};
-        diesel::connection::SimpleConnection::batch_execute(conn, "CREATE TABLE IF NOT EXISTS t (at TIMESTAMP)")
+        diesel::connection::SimpleConnection::batch_execute(&mut conn, "CREATE TABLE t (at TIMESTAMP)")
             .expect("create a table");
-        diesel::RunQueryDsl::execute(diesel::sql_query("DELETE FROM t"), conn).expect("empty the table");
+        let t = time::macros::datetime!(2026-12-06 05:00:00.123456 +01:00);
         diesel::RunQueryDsl::execute(
-            diesel::sql_query("INSERT INTO t VALUES (?)").bind::<Text, _>(text),
-            conn,
+            diesel::sql_query("INSERT INTO t VALUES (?)").bind::<UnixMicros, _>(t),
+            &mut conn,
         )
         .expect("store a time");
-        let read: StoredTime = diesel::RunQueryDsl::get_result(
-            diesel::select(diesel::dsl::sql::<TimestamptzSqlite>("(SELECT at FROM t)")),
-            conn,
+        let stored: i64 = diesel::RunQueryDsl::get_result(
+            diesel::select(diesel::dsl::sql::<BigInt>("(SELECT at FROM t)")),
+            &mut conn,
         )
-        .expect("read a stored time");
-        read.into()
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn stored_times_read_back_as_written(
-            seconds in 0i64..=253_402_300_799,
-            nanos in proptest::prop_oneof![proptest::strategy::Just(0u32), 0u32..1_000_000_000],
-        ) {
-            let t = OffsetDateTime::from_unix_timestamp(seconds).expect("in range")
-                + time::Duration::nanoseconds(i64::from(nanos));
-            let text = sqlite_time(t);
-            proptest::prop_assert_eq!(parse_stored_time(&text), Some(t), "{}", text);
-        }
-    }
-
-    #[test]
-    fn times_in_other_forms_are_read_the_slow_way() {
-        let mut conn = SqliteConnection::establish(":memory:").expect("an in-memory database");
-        let t = time::macros::datetime!(2026-12-06 04:00:00.25 UTC);
-        for text in [
-            "2026-12-06 04:00:00.25+00:00",
-            "2026-12-06 04:00:00.250000000+00:00",
-            "2026-12-06T04:00:00.25Z",
-            "2026-12-06 05:00:00.25+01:00",
-            "2026-12-06 04:00:00.25",
-        ] {
-            assert_eq!(read_stored(&mut conn, text), t, "{text}");
-        }
-        for text in [
-            "2026-12-06T04:00:00.25Z",
-            "2026-12-06 05:00:00.25+01:00",
-            "2026-12-06 04:00:00.25",
-            "2026-12-06 04:00:00.+00:00",
-            "2026-12-06 04:00:00.1234567890+00:00",
-            "2026-13-06 04:00:00+00:00",
-            "2026-12-06 04:00",
-        ] {
-            assert_eq!(parse_stored_time(text), None, "{text}");
-        }
+        .expect("read the stored integer");
+        assert_eq!(stored, 1_796_529_600_123_456);
+        let read: OffsetDateTime = diesel::RunQueryDsl::get_result(
+            diesel::select(diesel::dsl::sql::<UnixMicros>("(SELECT at FROM t)")),
+            &mut conn,
+        )
+        .expect("read the stored time");
+        assert_eq!(read, t);
     }
 }

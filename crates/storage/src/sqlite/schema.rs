@@ -1,6 +1,9 @@
 // @generated automatically by Diesel CLI.
 
 diesel::table! {
+    use diesel::sql_types::*;
+    use crate::sqlite::micros::UnixMicros;
+
     batches (id) {
         id -> Text,
         tenant -> Text,
@@ -9,7 +12,7 @@ diesel::table! {
         mode -> Text,
         on_item_failure -> Text,
         priority -> Integer,
-        run_at -> Nullable<TimestamptzSqlite>,
+        run_at -> Nullable<UnixMicros>,
         config -> Json,
         webhook_url -> Nullable<Text>,
         webhook_secret -> Nullable<Text>,
@@ -29,10 +32,10 @@ diesel::table! {
         idempotency_key -> Nullable<Text>,
         request_hash -> Text,
         last_event_seq -> BigInt,
-        created_at -> TimestamptzSqlite,
-        started_at -> Nullable<TimestamptzSqlite>,
-        updated_at -> TimestamptzSqlite,
-        completed_at -> Nullable<TimestamptzSqlite>,
+        created_at -> UnixMicros,
+        started_at -> Nullable<UnixMicros>,
+        updated_at -> UnixMicros,
+        completed_at -> Nullable<UnixMicros>,
         seq -> BigInt,
         next_index -> Integer,
         unclaimed -> BigInt,
@@ -49,6 +52,9 @@ diesel::table! {
 }
 
 diesel::table! {
+    use diesel::sql_types::*;
+    use crate::sqlite::micros::UnixMicros;
+
     items (seq) {
         seq -> BigInt,
         id -> Text,
@@ -64,10 +70,10 @@ diesel::table! {
         blocked -> Bool,
         attempts -> Integer,
         max_attempts -> Integer,
-        next_attempt_at -> Nullable<TimestamptzSqlite>,
+        next_attempt_at -> Nullable<UnixMicros>,
         lease_owner -> Nullable<Text>,
         lease_token -> Nullable<Text>,
-        lease_expires_at -> Nullable<TimestamptzSqlite>,
+        lease_expires_at -> Nullable<UnixMicros>,
         step -> Nullable<Text>,
         message -> Nullable<Text>,
         progress_current -> Nullable<BigInt>,
@@ -77,14 +83,17 @@ diesel::table! {
         question -> Nullable<Json>,
         answer -> Nullable<Json>,
         cancel_reason -> Nullable<Text>,
-        created_at -> TimestamptzSqlite,
-        started_at -> Nullable<TimestamptzSqlite>,
-        updated_at -> TimestamptzSqlite,
-        completed_at -> Nullable<TimestamptzSqlite>,
+        created_at -> UnixMicros,
+        started_at -> Nullable<UnixMicros>,
+        updated_at -> UnixMicros,
+        completed_at -> Nullable<UnixMicros>,
     }
 }
 
 diesel::table! {
+    use diesel::sql_types::*;
+    use crate::sqlite::micros::UnixMicros;
+
     leases (id) {
         id -> BigInt,
         batch_id -> Text,
@@ -95,12 +104,15 @@ diesel::table! {
         owner -> Text,
         secret -> Text,
         running -> Integer,
-        started_at -> TimestamptzSqlite,
-        expires_at -> TimestamptzSqlite,
+        started_at -> UnixMicros,
+        expires_at -> UnixMicros,
     }
 }
 
 diesel::table! {
+    use diesel::sql_types::*;
+    use crate::sqlite::micros::UnixMicros;
+
     queue_entries (item_seq) {
         item_seq -> BigInt,
         batch_id -> Text,
@@ -109,7 +121,7 @@ diesel::table! {
         batch_seq -> BigInt,
         item_index -> Integer,
         blocked -> Bool,
-        not_before -> Nullable<TimestamptzSqlite>,
+        not_before -> Nullable<UnixMicros>,
     }
 }
 
@@ -124,18 +136,24 @@ diesel::table! {
 }
 
 diesel::table! {
+    use diesel::sql_types::*;
+    use crate::sqlite::micros::UnixMicros;
+
     queue_states (name) {
         name -> Text,
         paused -> Bool,
-        updated_at -> TimestamptzSqlite,
+        updated_at -> UnixMicros,
     }
 }
 
 diesel::table! {
+    use diesel::sql_types::*;
+    use crate::sqlite::micros::UnixMicros;
+
     webhook_attempts (delivery_id, attempt) {
         delivery_id -> Text,
         attempt -> Integer,
-        at -> TimestamptzSqlite,
+        at -> UnixMicros,
         status_code -> Nullable<Integer>,
         latency_ms -> BigInt,
         error -> Nullable<Text>,
@@ -144,6 +162,9 @@ diesel::table! {
 }
 
 diesel::table! {
+    use diesel::sql_types::*;
+    use crate::sqlite::micros::UnixMicros;
+
     webhook_deliveries (id) {
         id -> Text,
         batch_id -> Text,
@@ -154,11 +175,11 @@ diesel::table! {
         payload -> Text,
         status -> Text,
         attempts -> Integer,
-        next_attempt_at -> Nullable<TimestamptzSqlite>,
+        next_attempt_at -> Nullable<UnixMicros>,
         lease_token -> Nullable<Text>,
-        lease_expires_at -> Nullable<TimestamptzSqlite>,
-        created_at -> TimestamptzSqlite,
-        updated_at -> TimestamptzSqlite,
+        lease_expires_at -> Nullable<UnixMicros>,
+        created_at -> UnixMicros,
+        updated_at -> UnixMicros,
     }
 }
 

@@ -3,7 +3,8 @@
 //! retry) and a sequential batch (its second item blocked), is migrated by `connect` to the
 //! range-claim schema. Counts, items and the timeline read as before, the running item's
 //! worker can still finish it with its old lease token, and every pending item is claimed
-//! once, batch by batch in the order they would have been claimed before.
+//! once, batch by batch in the order they would have been claimed before. Times written as
+//! text read back as the same instants.
 
 use batchd_domain::{BatchStatus, ItemStatus};
 use batchd_storage::testing::{ManualClock, TestDatabase};
@@ -14,6 +15,7 @@ use diesel_async::AsyncPgConnection;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use serde_json::json;
+use time::macros::datetime;
 
 use crate::support::{Fixture, batch, claim_request};
 
@@ -43,7 +45,7 @@ INSERT INTO items (id, batch_id, tenant, queue, priority, item_index, input, sta
 VALUES
     ('upgrade-a-0', 'upgrade-a', 'acme', 'default', 0, 0, '{"n": 0}', 'completed', FALSE, 1, 3,
         NULL, NULL, NULL, NULL, '{"done": 0}', '2026-12-01 10:00:00+00:00',
-        '2026-12-01 10:00:01+00:00', '2026-12-01 10:00:02+00:00', '2026-12-01 10:00:02+00:00'),
+        '2026-12-01 10:00:01.25+00:00', '2026-12-01 10:00:02.123456+00:00', '2026-12-01 10:00:02.123456+00:00'),
     ('upgrade-a-1', 'upgrade-a', 'acme', 'default', 0, 1, '{"n": 1}', 'running', FALSE, 1, 3,
         NULL, 'old-worker', 'oldtoken1', '2100-01-01 00:00:00+00:00', NULL,
         '2026-12-01 10:00:00+00:00', '2026-12-01 10:00:01+00:00', '2026-12-01 10:00:01+00:00', NULL),
@@ -120,6 +122,12 @@ async fn upgrade_keeps_batches_items_and_events(db: TestDatabase) {
 
     let a = f.batch("upgrade-a").await;
     assert_eq!((a.counts.pending, a.counts.running, a.counts.completed), (2, 1, 1));
+    // Times stored as text before are the same instants after (stored as integers on SQLite).
+    assert_eq!(a.created_at, datetime!(2026-12-01 10:00:00 UTC));
+    assert_eq!(a.started_at, Some(datetime!(2026-12-01 10:00:01 UTC)));
+    let done = &f.items("upgrade-a").await[0];
+    assert_eq!(done.started_at, Some(datetime!(2026-12-01 10:00:01.25 UTC)));
+    assert_eq!(done.completed_at, Some(datetime!(2026-12-01 10:00:02.123456 UTC)));
     let statuses: Vec<ItemStatus> = f.items("upgrade-a").await.iter().map(|i| i.status).collect();
     assert_eq!(
         statuses,
