@@ -196,3 +196,55 @@ async fn upgrade_keeps_batches_items_and_events(db: TestDatabase) {
         assert_eq!(seqs, (1..=events.len() as i64).collect::<Vec<_>>(), "{id}");
     }
 }
+
+/// The migrations before times were stored as integers on SQLite.
+const BEFORE_INTEGER_TIMES: usize = 6;
+
+/// 30,000 completed items with their times as text, more pages than SQLite keeps in memory
+/// for undoing one statement (4 MiB in this build), are converted by the upgrade, and their
+/// times read back unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_upgrade_converts_the_times_of_many_items() {
+    let db = TestDatabase::sqlite();
+    let path = db.url().trim_start_matches("sqlite://").to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = SqliteConnection::establish(&path).expect("open");
+        let all = conn.pending_migrations(SQLITE_MIGRATIONS).expect("the migrations");
+        for migration in &all[..BEFORE_INTEGER_TIMES] {
+            conn.run_migration(migration.as_ref()).expect("an old migration");
+        }
+        conn.batch_execute(
+            "INSERT INTO batches (id, tenant, queue, mode, on_item_failure, priority, status, total, pending,
+                running, completed, failed, cancelled, needs_input, request_hash, last_event_seq, created_at,
+                started_at, updated_at, completed_at, seq)
+            VALUES ('many', 'acme', 'default', 'parallel', 'continue', 0, 'completed', 30000, 0, 0, 30000, 0, 0,
+                0, 'h', 0, '2026-12-01 10:00:00+00:00', '2026-12-01 10:00:01.5+00:00',
+                '2026-12-01 10:00:02.25+00:00', '2026-12-01 10:00:02.25+00:00', 1);
+            WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n < 29999)
+            INSERT INTO items (id, batch_id, tenant, queue, priority, item_index, input, status, attempts,
+                max_attempts, result, created_at, started_at, updated_at, completed_at)
+            SELECT 'many-' || n, 'many', 'acme', 'default', 0, n, '{\"n\": ' || n || '}', 'completed', 1, 3,
+                'null', '2026-12-01 10:00:00+00:00', '2026-12-01 10:00:01.5+00:00',
+                '2026-12-01 10:00:02.123456+00:00', '2026-12-01 10:00:02.123456+00:00'
+            FROM i;",
+        )
+        .expect("old rows");
+    })
+    .await
+    .expect("join");
+    let clock = ManualClock::new();
+    let mut options = StoreOptions::new(db.url());
+    options.clock = clock.clock();
+    let store = batchd_storage::connect(options)
+        .await
+        .expect("open and migrate the store");
+    let f = Fixture { store, clock, db };
+    let batch = f.batch("many").await;
+    assert_eq!(batch.counts.completed, 30_000);
+    assert_eq!(batch.created_at, datetime!(2026-12-01 10:00:00 UTC));
+    let items = f.items("many").await;
+    for item in [&items[0], items.last().expect("an item")] {
+        assert_eq!(item.started_at, Some(datetime!(2026-12-01 10:00:01.5 UTC)));
+        assert_eq!(item.completed_at, Some(datetime!(2026-12-01 10:00:02.123456 UTC)));
+    }
+}
