@@ -2,7 +2,6 @@
 -- without trailing zeros, as the store wrote them before. Each distinct time is converted
 -- once, in `time_micros`.
 
-DROP TABLE IF EXISTS temp.time_micros;
 CREATE TEMP TABLE time_micros (micros INTEGER NOT NULL PRIMARY KEY, text TEXT);
 INSERT INTO time_micros (micros)
 SELECT run_at FROM batches WHERE typeof(run_at) = 'integer'
@@ -65,4 +64,4 @@ UPDATE webhook_deliveries SET
     created_at = CASE WHEN typeof(created_at) = 'integer' THEN (SELECT text FROM time_micros WHERE micros = created_at) ELSE created_at END,
     updated_at = CASE WHEN typeof(updated_at) = 'integer' THEN (SELECT text FROM time_micros WHERE micros = updated_at) ELSE updated_at END;
 
-DROP TABLE temp.time_micros;
+DROP TABLE time_micros;

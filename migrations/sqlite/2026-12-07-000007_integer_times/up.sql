@@ -9,14 +9,7 @@
 -- Each distinct text is converted once, in `time_texts`. A text that does not parse becomes
 -- NULL, which a NOT NULL column refuses: the migration then fails rather than keep a time it
 -- cannot read.
---
--- Not in one transaction (`metadata.toml`): inside one, SQLite keeps a statement journal of
--- every page each statement changes, so that the statement alone can be undone, and this
--- build failed to spill a million items' worth of it to a temporary file ("database or disk
--- is full"). Each statement here commits by itself instead, and the whole migration can run
--- again after a failure part way: a time already an integer is left as it is.
 
-DROP TABLE IF EXISTS temp.time_texts;
 CREATE TEMP TABLE time_texts (text TEXT NOT NULL PRIMARY KEY, micros INTEGER) WITHOUT ROWID;
 INSERT INTO time_texts (text)
 SELECT run_at FROM batches WHERE typeof(run_at) = 'text'
@@ -78,4 +71,4 @@ UPDATE webhook_deliveries SET
     created_at = CASE WHEN typeof(created_at) = 'text' THEN (SELECT micros FROM time_texts WHERE text = created_at) ELSE created_at END,
     updated_at = CASE WHEN typeof(updated_at) = 'text' THEN (SELECT micros FROM time_texts WHERE text = updated_at) ELSE updated_at END;
 
-DROP TABLE temp.time_texts;
+DROP TABLE time_texts;

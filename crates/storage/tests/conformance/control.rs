@@ -10,6 +10,7 @@ use crate::support::{Fixture, batch, conformance, failure};
 conformance!(
     cancel_ends_pending_items_at_once_and_running_ones_later,
     cancel_without_running_items_is_immediate,
+    cancel_rewrites_a_thousand_large_items_at_once,
     finished_batches_refuse_control_with_their_status,
     pause_stops_new_starts_and_resume_restarts,
     items_ending_while_paused_settle_the_batch,
@@ -70,6 +71,20 @@ async fn cancel_without_running_items_is_immediate(f: Fixture) {
     f.store.requeue_expired_leases().await.expect("requeue");
     assert_eq!(f.batch(&b2.id).await.status, BatchStatus::Cancelled);
     f.assert_counts_match_items(&b2.id).await;
+}
+
+/// A thousand items of 16 KiB each end in one statement: more pages than SQLite keeps in
+/// memory for undoing a statement, so its statement journal goes to a temporary file.
+async fn cancel_rewrites_a_thousand_large_items_at_once(f: Fixture) {
+    let mut new = batch("default", 1_000);
+    for item in &mut new.items {
+        item.input = serde_json::Value::String("x".repeat(16 * 1024));
+    }
+    let (b, _) = f.submit(new).await;
+    let done = f.store.cancel_batch(Scope::All, &b.id).await.expect("cancel");
+    assert_eq!(done.status, BatchStatus::Cancelled);
+    assert_eq!(done.counts.cancelled, 1_000);
+    f.assert_counts_match_items(&b.id).await;
 }
 
 async fn finished_batches_refuse_control_with_their_status(f: Fixture) {
