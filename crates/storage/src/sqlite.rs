@@ -540,8 +540,7 @@ macro_rules! row_statement {
 }
 
 /// `UPDATE items SET <its first attempt completed> WHERE <the item, still pending and never
-/// started>`: no `RETURNING` (SQLite gathers returned rows in a temporary table per run), and
-/// times bound as text formatted once per transaction.
+/// started>`: no `RETURNING` (SQLite gathers returned rows in a temporary table per run).
 struct CompleteFresh<'a> {
     end: &'a FreshEnd,
     started_at: OffsetDateTime,
