@@ -1,7 +1,7 @@
 //! Times in SQLite: whole microseconds since the Unix epoch, in an `INTEGER`.
 //!
 //! diesel's `TimestamptzSqlite` stores a time as text, `2026-12-06 19:39:57.403801+00:00`:
-//! 32 bytes in each row and index entry, where an integer takes 6 to 8, and read back by
+//! 32 bytes in each row and index entry, where an integer takes 8, and read back by
 //! trying a dozen formats in turn. Every time column of the SQLite schema has this SQL type
 //! instead (migration `2026-12-07-000007_integer_times`). Microseconds are what PostgreSQL's
 //! `timestamptz` keeps, and what the store's clock hands out.
