@@ -111,14 +111,19 @@ where
     conn.batch_execute(OLD_ROWS).expect("old rows");
 }
 
-async fn upgrade_keeps_batches_items_and_events(db: TestDatabase) {
+/// Opens the store over `db`, which applies the pending migrations.
+async fn migrated(db: TestDatabase) -> Fixture {
     let clock = ManualClock::new();
     let mut options = StoreOptions::new(db.url());
     options.clock = clock.clock();
     let store = batchd_storage::connect(options)
         .await
         .expect("open and migrate the store");
-    let f = Fixture { store, clock, db };
+    Fixture { store, clock, db }
+}
+
+async fn upgrade_keeps_batches_items_and_events(db: TestDatabase) {
+    let f = migrated(db).await;
 
     let a = f.batch("upgrade-a").await;
     assert_eq!((a.counts.pending, a.counts.running, a.counts.completed), (2, 1, 1));
@@ -232,13 +237,7 @@ async fn sqlite_upgrade_converts_the_times_of_many_items() {
     })
     .await
     .expect("join");
-    let clock = ManualClock::new();
-    let mut options = StoreOptions::new(db.url());
-    options.clock = clock.clock();
-    let store = batchd_storage::connect(options)
-        .await
-        .expect("open and migrate the store");
-    let f = Fixture { store, clock, db };
+    let f = migrated(db).await;
     let batch = f.batch("many").await;
     assert_eq!(batch.counts.completed, 30_000);
     assert_eq!(batch.created_at, datetime!(2026-12-01 10:00:00 UTC));
