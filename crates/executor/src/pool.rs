@@ -1,6 +1,7 @@
-//! The worker pool: one claim loop per queue, one task per running item, a heartbeat per
-//! item, a writer that records results and makes claims in group commits, a watcher that
-//! relays control requests to running items, and a rescuer that puts expired leases back.
+//! The worker pool: one claim loop per queue, one task per running item, a lease keeper
+//! that renews the leases of all of them, a writer that records results and makes claims in
+//! group commits, a watcher that relays control requests to running items, and a rescuer
+//! that puts expired leases back.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,10 +13,11 @@ use batchd_storage::{
     ClaimRequest, ClaimedItem, Finish, FinishResult, FirstPhaseDone, LeaseState, Notice, Outcome, Scope, Store,
     StoreError, Turn,
 };
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use serde_json::Value;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -146,7 +148,8 @@ impl Executor {
         let inner = Arc::new(Inner {
             store: store.clone(),
             global: Arc::new(Semaphore::new(config.max_running.max(1))),
-            running: Mutex::new(HashMap::new()),
+            running: Mutex::new(RunningItems::default()),
+            keeper: Notify::new(),
             contexts: tokio::sync::Mutex::new(HashMap::new()),
             writes,
             node_slot_freed: Arc::new(Notify::new()),
@@ -164,6 +167,7 @@ impl Executor {
         let writer = tokio::spawn(writer(store.clone(), write_rx));
         background.push(tokio::spawn(watch_control(inner.clone(), stop_background.clone())));
         background.push(tokio::spawn(rescue_expired(inner.clone(), stop_background.clone())));
+        background.push(tokio::spawn(keep_leases(inner.clone(), stop_background.clone())));
         Ok(ExecutorHandle {
             inner,
             background,
@@ -185,7 +189,12 @@ pub struct ExecutorHandle {
 impl ExecutorHandle {
     /// Items running on this node now.
     pub fn running(&self) -> usize {
-        self.inner.running.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .items
+            .len()
     }
 
     /// Stops claiming, lets running items finish within the grace period, hands the rest
@@ -223,8 +232,10 @@ struct Inner {
     store: Arc<dyn Store>,
     config: ExecutorConfig,
     global: Arc<Semaphore>,
-    /// Items running here: id → (batch id, cancellation).
-    running: Mutex<HashMap<String, (String, CancellationToken)>>,
+    /// Items running here, and when the lease keeper next looks at them.
+    running: Mutex<RunningItems>,
+    /// Wakes the lease keeper for an item that starts before its next look.
+    keeper: Notify,
     /// Open shared contexts of sequential batches.
     contexts: tokio::sync::Mutex<HashMap<String, OpenContext>>,
     /// To the writer: results to record and claims to make.
@@ -457,21 +468,37 @@ impl Drop for Slot {
 
 fn start_item(inner: &Arc<Inner>, run: &Arc<QueueRun>, item: ClaimedItem, slot: Slot) {
     let cancel = CancellationToken::new();
-    inner
-        .running
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(item.id.clone(), (item.batch_id.clone(), cancel.clone()));
+    let lease = run.queue.lease;
+    let renew_at = Instant::now() + renewal_interval(lease);
+    let wake_keeper = {
+        let mut running = inner.running.lock().unwrap_or_else(PoisonError::into_inner);
+        running.items.insert(
+            item.id.clone(),
+            RunningItem {
+                batch_id: item.batch_id.clone(),
+                cancel: cancel.clone(),
+                lease_token: item.lease_token.clone(),
+                lease,
+                renew_at,
+            },
+        );
+        renew_at < running.keeper_wakes_at
+    };
+    if wake_keeper {
+        inner.keeper.notify_one();
+    }
     let (inner, run) = (inner.clone(), run.clone());
-    inner.items.clone().spawn(async move {
+    // Boxed, so that spawning it and ending it move a pointer, not the whole future.
+    inner.items.clone().spawn(Box::pin(async move {
         let item_id = item.id.clone();
         run_item(&inner, &run, item, cancel, slot).await;
         inner
             .running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .items
             .remove(&item_id);
-    });
+    }));
 }
 
 /// Runs one claimed item to the end of its attempt and reports the result.
@@ -486,19 +513,11 @@ async fn run_item(inner: &Arc<Inner>, run: &Arc<QueueRun>, item: ClaimedItem, ca
         config: item.batch_config.clone(),
     });
     let (item_id, lease_token, attempt) = (item.id.clone(), item.lease_token.clone(), item.attempt);
-    let started = tokio::time::Instant::now();
+    let started = Instant::now();
     if let Some(observer) = &inner.config.observer {
         let pickup = (time::OffsetDateTime::now_utc() - item.ready_at).unsigned_abs();
         observer.item_started(&queue.name, pickup);
     }
-    let heartbeat = tokio::spawn(heartbeat(
-        inner.store.clone(),
-        item_id.clone(),
-        lease_token.clone(),
-        queue.lease,
-        cancel.clone(),
-    ));
-
     // `None`: the handler handed the attempt on (`Completion::Accepted`); nothing to record.
     let outcome = match open_context(inner, handler, info.as_ref()).await {
         Err(e) => Some(failure(e, &settings)),
@@ -525,7 +544,6 @@ async fn run_item(inner: &Arc<Inner>, run: &Arc<QueueRun>, item: ClaimedItem, ca
             }
         }
     };
-    heartbeat.abort();
     // Released before the attempt is recorded: the batch's next item cannot be claimed before
     // that, so it never starts on the context this item let go.
     if let (Some(info), true) = (&info, releases_context) {
@@ -660,26 +678,107 @@ async fn close_context(inner: &Arc<Inner>, batch_id: &str) {
     }
 }
 
-/// Renews the lease every third of its length; fires the cancellation when the batch was
-/// cancelled or the lease lost.
-async fn heartbeat(
-    store: Arc<dyn Store>,
+/// The items running on this node.
+struct RunningItems {
+    /// By item id.
+    items: HashMap<String, RunningItem>,
+    /// When the lease keeper wakes next unless woken: an item that starts needs it woken only
+    /// if its first renewal is due before that.
+    keeper_wakes_at: Instant,
+}
+
+impl Default for RunningItems {
+    fn default() -> Self {
+        Self {
+            items: HashMap::new(),
+            keeper_wakes_at: Instant::now(),
+        }
+    }
+}
+
+/// An item running on this node.
+struct RunningItem {
+    batch_id: String,
+    /// Fires when its batch is cancelled, its lease is lost, or its attempt ends early.
+    cancel: CancellationToken,
+    lease_token: String,
+    lease: Duration,
+    /// When its lease is renewed next.
+    renew_at: Instant,
+}
+
+/// How often a running item's lease is renewed: every third of its length, at most every
+/// 100 ms.
+fn renewal_interval(lease: Duration) -> Duration {
+    (lease / 3).max(Duration::from_millis(100))
+}
+
+/// Lease renewals the keeper has in flight at once at most.
+const RENEWALS_AT_ONCE: usize = 16;
+/// How long the keeper sleeps with no item running, unless an item starts.
+const KEEPER_IDLE: Duration = Duration::from_secs(60);
+
+/// A lease to renew, as the keeper takes it from [`RunningItems`].
+struct Renewal {
     item_id: String,
     lease_token: String,
     lease: Duration,
     cancel: CancellationToken,
-) {
-    let every = (lease / 3).max(Duration::from_millis(100));
+}
+
+/// Renews the leases of every item running here, each every third of its lease, from this
+/// one task: starting an item costs no task or timer of its own for its lease, and a
+/// handler that blocks its thread cannot hold its own renewals up. An item's lease is renewed
+/// from its start until its result is recorded. Fires an item's cancellation when its batch
+/// was cancelled or its lease lost; an item whose cancellation has fired is renewed no more
+/// (it is ending).
+async fn keep_leases(inner: Arc<Inner>, stop: CancellationToken) {
     loop {
-        tokio::time::sleep(every).await;
-        match store.renew_lease(&item_id, &lease_token, lease).await {
-            Ok(LeaseState::Held(_)) => {}
-            Ok(LeaseState::Cancelled | LeaseState::Lost) => {
-                cancel.cancel();
-                return;
-            }
-            Err(e) => tracing::warn!(item = %item_id, error = %e, "lease renewal failed; retrying"),
+        let (due, wake_at) = due_renewals(&inner);
+        futures_util::stream::iter(due)
+            .for_each_concurrent(RENEWALS_AT_ONCE, |r| renew(&inner, r))
+            .await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep_until(wake_at) => {}
+            () = inner.keeper.notified() => {}
         }
+    }
+}
+
+/// Takes the renewals that are due, or due within a quarter of their interval (so that
+/// items that started close together are renewed on one wake), and sets when each is due
+/// next; returns them with the time of the next wake.
+fn due_renewals(inner: &Inner) -> (Vec<Renewal>, Instant) {
+    let now = Instant::now();
+    let mut running = inner.running.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut due = Vec::new();
+    let mut next = now + KEEPER_IDLE;
+    for (id, item) in &mut running.items {
+        if item.cancel.is_cancelled() {
+            continue;
+        }
+        let every = renewal_interval(item.lease);
+        if item.renew_at <= now + every / 4 {
+            due.push(Renewal {
+                item_id: id.clone(),
+                lease_token: item.lease_token.clone(),
+                lease: item.lease,
+                cancel: item.cancel.clone(),
+            });
+            item.renew_at = now + every;
+        }
+        next = next.min(item.renew_at);
+    }
+    running.keeper_wakes_at = next;
+    (due, next)
+}
+
+async fn renew(inner: &Inner, r: Renewal) {
+    match inner.store.renew_lease(&r.item_id, &r.lease_token, r.lease).await {
+        Ok(LeaseState::Held(_)) => {}
+        Ok(LeaseState::Cancelled | LeaseState::Lost) => r.cancel.cancel(),
+        Err(e) => tracing::warn!(item = %r.item_id, error = %e, "lease renewal failed; retrying"),
     }
 }
 
@@ -840,7 +939,7 @@ async fn write_group(store: &Arc<dyn Store>, turn: Turn, group: Group, permit: O
         claim_replies,
         handoffs: _,
     } = group;
-    let started = tokio::time::Instant::now();
+    let started = Instant::now();
     let wanted: usize = claims.iter().map(|c| c.max_items).sum();
     let outcome = store.finish_and_claim_in_turn(turn, finishes.clone(), claims).await;
     let results = match outcome {
@@ -942,7 +1041,7 @@ async fn watch_control(inner: Arc<Inner>, stop: CancellationToken) {
 
 fn running_batches(inner: &Inner) -> Vec<String> {
     let running = inner.running.lock().unwrap_or_else(PoisonError::into_inner);
-    let mut ids: Vec<String> = running.values().map(|(b, _)| b.clone()).collect();
+    let mut ids: Vec<String> = running.items.values().map(|item| item.batch_id.clone()).collect();
     ids.sort();
     ids.dedup();
     ids
@@ -951,9 +1050,10 @@ fn running_batches(inner: &Inner) -> Vec<String> {
 fn tokens_of(inner: &Inner, batch_id: &str) -> Vec<CancellationToken> {
     let running = inner.running.lock().unwrap_or_else(PoisonError::into_inner);
     running
+        .items
         .values()
-        .filter(|(b, _)| b == batch_id)
-        .map(|(_, t)| t.clone())
+        .filter(|item| item.batch_id == batch_id)
+        .map(|item| item.cancel.clone())
         .collect()
 }
 

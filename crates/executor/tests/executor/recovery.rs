@@ -3,13 +3,14 @@
 use std::time::{Duration, Instant};
 
 use batchd_domain::{BatchStatus, ItemStatus, Mode};
-use batchd_storage::{ClaimRequest, Finish, FinishResult, Outcome, Scope};
+use batchd_storage::{ClaimRequest, Finish, FinishResult, Outcome, PageRequest, Scope};
 use serde_json::json;
 
 use crate::support::{Backend, Harness, both_backends, demo, queue};
 
 both_backends!(
     a_dead_workers_item_is_rerun_after_its_lease_expires,
+    running_items_keep_their_leases_past_their_length,
     an_idle_queue_picks_up_work_without_waiting_for_a_poll,
     shutdown_lets_short_items_finish,
     shutdown_hands_long_items_back_without_spending_an_attempt,
@@ -54,6 +55,42 @@ async fn a_dead_workers_item_is_rerun_after_its_lease_expires(backend: Backend) 
         h.store.get_item(Scope::All, &ids[0]).await.expect("item").result,
         Some(json!("second try"))
     );
+    h.shutdown().await;
+}
+
+async fn running_items_keep_their_leases_past_their_length(backend: Backend) {
+    let Some(mut h) = Harness::open(backend).await else {
+        return;
+    };
+    // Leases of 300 ms, items that run five times as long, expired leases looked for every
+    // 100 ms: only renewals keep the items from being put back and run again.
+    let mut q = queue("long", "demo", 8);
+    q.lease = Duration::from_millis(300);
+    h.start(demo(), vec![q], |_| {});
+    let (first, _) = h
+        .submit("long", Mode::Parallel, vec![json!({"sleep_ms": 1500}); 3])
+        .await;
+    // Items that start while others run, their renewals due at other times.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (second, _) = h
+        .submit("long", Mode::Parallel, vec![json!({"sleep_ms": 1500}); 2])
+        .await;
+    for id in [&first, &second] {
+        let done = h.wait_until_ended(id).await;
+        assert_eq!(done.status, BatchStatus::Completed);
+        let page = PageRequest {
+            cursor: None,
+            limit: 100,
+        };
+        let items = h.store.list_items(Scope::All, id, None, &page).await.expect("items");
+        assert_eq!(items.rows.len(), done.counts.total as usize);
+        assert!(
+            items.rows.iter().all(|item| item.attempts == 1),
+            "every item ran once: {:?}",
+            items.rows.iter().map(|item| item.attempts).collect::<Vec<_>>()
+        );
+        assert!(!h.event_types(id).await.contains(&"item.lease_expired".to_owned()));
+    }
     h.shutdown().await;
 }
 
