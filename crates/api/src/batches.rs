@@ -3,7 +3,7 @@
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use batchd_domain::wire::{BatchList, BatchView, ErrorBody, EventList, ItemList, SubmitBatch, SubmitResponse};
-use batchd_domain::{BatchStatus, Issue, ItemSettings, ItemStatus, merge_config, validate_submission};
+use batchd_domain::{BatchStatus, Issue, ItemSettings, ItemStatus, JsonMap, merge_config, validate_submission};
 use batchd_storage::{BatchFilter, CreateOutcome, NewBatch, NewItem, NewWebhook, PageRequest, Scope};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -94,15 +94,19 @@ async fn submit(
         .get(&submitted.queue)
         .map(|q| q.defaults.clone())
         .unwrap_or_default();
-    // The body with its keys sorted: the same request always hashes the same.
-    let request_hash = hex::encode(Sha256::digest(body.to_string().as_bytes()));
+    let request_hash = request_hash(&body);
     let client_chose_id = submitted.id.is_some();
+    // Most items have no config of their own: theirs is the batch's, read once.
+    let batch_max_attempts = max_attempts([&queue_defaults, &submitted.config]);
     let items = submitted
         .items
         .into_iter()
         .map(|item| {
-            let merged = merge_config([&queue_defaults, &submitted.config, &item.config]);
-            let max_attempts = ItemSettings::from_config(&merged).retry.max_attempts;
+            let max_attempts = if item.config.is_empty() {
+                batch_max_attempts
+            } else {
+                max_attempts([&queue_defaults, &submitted.config, &item.config])
+            };
             NewItem {
                 input: item.input,
                 custom_id: item.custom_id,
@@ -206,6 +210,30 @@ fn batch_status_filter() -> utoipa::openapi::Object {
 }
 
 /// `GET /v1/batches`: the caller's batches, newest first.
+/// The SHA-256 of the body as compact JSON with its keys sorted, so the same request always
+/// hashes the same; streamed into the hash rather than written out first.
+fn request_hash(body: &Value) -> String {
+    struct Hashing(Sha256);
+    impl std::io::Write for Hashing {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.update(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut hashing = Hashing(Sha256::new());
+    // Neither a `Value` nor the hash can fail to write.
+    let _ = serde_json::to_writer(&mut hashing, body);
+    hex::encode(hashing.0.finalize())
+}
+
+/// The attempts an item may take under these config levels, merged.
+fn max_attempts<'a>(levels: impl IntoIterator<Item = &'a JsonMap>) -> i32 {
+    ItemSettings::from_config(&merge_config(levels)).retry.max_attempts
+}
+
 #[utoipa::path(
     get,
     path = "/v1/batches",
@@ -491,4 +519,23 @@ async fn events(
     Ok(HttpResponse::Ok().json(EventList {
         events: events.into_iter().map(event_view).collect(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use sha2::{Digest, Sha256};
+
+    use super::request_hash;
+
+    #[test]
+    fn the_request_hash_is_the_hash_of_the_compact_body() {
+        // Stored hashes were taken of `body.to_string()`: a stream of the same bytes keeps an
+        // idempotency key's earlier request recognised.
+        let body = json!({"queue": "q", "items": [{"input": {"text": "é \"quoted\"", "n": 1.5}}], "metadata": null});
+        assert_eq!(
+            request_hash(&body),
+            hex::encode(Sha256::digest(body.to_string().as_bytes()))
+        );
+    }
 }

@@ -119,7 +119,7 @@ pub fn validate_submission(
             items
                 .iter()
                 .enumerate()
-                .map(|(i, item)| v.item(&format!("items[{i}]"), item, limits, &mut seen))
+                .map(|(i, item)| v.item(i, item, limits, &mut seen))
                 .collect()
         }
         None | Some(Value::Null) => v.fail("items", "is required", Vec::new()),
@@ -262,53 +262,59 @@ impl Validator {
         map.clone()
     }
 
+    /// Item `index` of the batch. Its issues' paths are built only when it has one: most
+    /// items have none, and a batch may hold thousands.
     fn item(
         &mut self,
-        path: &str,
+        index: usize,
         item: &Value,
         limits: &Limits,
         seen_custom_ids: &mut std::collections::HashSet<String>,
     ) -> SubmitItem {
+        let path = |field: &str| format!("items[{index}]{field}");
         let placeholder = SubmitItem {
             input: Value::Null,
             custom_id: None,
             config: JsonMap::new(),
         };
         let Some(obj) = item.as_object() else {
-            return self.fail(path, "must be an object {input, custom_id?, config?}", placeholder);
+            return self.fail(&path(""), "must be an object {input, custom_id?, config?}", placeholder);
         };
-        self.unknown_keys(path, obj, ITEM_KEYS);
-        let input_path = format!("{path}.input");
+        if obj.keys().any(|key| !ITEM_KEYS.contains(&key.as_str())) {
+            self.unknown_keys(&path(""), obj, ITEM_KEYS);
+        }
         let input = match obj.get("input") {
-            None => self.fail(&input_path, "is required", Value::Null),
+            None => self.fail(&path(".input"), "is required", Value::Null),
             Some(input) => {
-                let size = input.to_string().len();
+                let size = json_len(input);
                 if size > limits.max_input_bytes {
                     self.push(
-                        &input_path,
+                        &path(".input"),
                         format!("is {size} bytes; at most {} are allowed", limits.max_input_bytes),
                     );
                 }
                 input.clone()
             }
         };
-        let custom_path = format!("{path}.custom_id");
         let custom_id = match obj.get("custom_id") {
             None | Some(Value::Null) => None,
-            Some(Value::String(s)) => self.label(&custom_path, s.clone()).and_then(|s| {
+            Some(Value::String(s)) => self.label(&path(".custom_id"), s.clone()).and_then(|s| {
                 if seen_custom_ids.insert(s.clone()) {
                     Some(s)
                 } else {
                     self.fail(
-                        &custom_path,
+                        &path(".custom_id"),
                         format!("`{s}` is used by an earlier item of this batch"),
                         None,
                     )
                 }
             }),
-            Some(_) => self.fail(&custom_path, "must be a string", None),
+            Some(_) => self.fail(&path(".custom_id"), "must be a string", None),
         };
-        let config = self.config(&format!("{path}.config"), obj.get("config"));
+        let config = match obj.get("config") {
+            None | Some(Value::Null) => JsonMap::new(),
+            config => self.config(&path(".config"), config),
+        };
         SubmitItem {
             input,
             custom_id,
@@ -354,6 +360,25 @@ impl Validator {
         };
         Some(WebhookSpec { url, secret, events })
     }
+}
+
+/// The length of `value` as compact JSON (as `value.to_string()` would write it), counted
+/// without building the text.
+fn json_len(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Neither a `Value` nor the counter can fail to write.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 #[cfg(test)]
@@ -458,5 +483,29 @@ mod tests {
             vec!["items[1].custom_id"]
         );
         assert_eq!(paths(json!([1])), vec![""]);
+    }
+
+    #[test]
+    fn an_items_unknown_key_and_a_config_that_is_no_object_are_reported_there() {
+        assert_eq!(
+            paths(
+                json!({"items": [{"input": 1, "extra": 2}, {"input": 1, "config": 5}, {"input": 1, "config": null}]})
+            ),
+            vec!["items[0].extra", "items[1].config"]
+        );
+    }
+
+    #[test]
+    fn json_len_counts_what_to_string_writes() {
+        let values = [
+            json!(null),
+            json!(-1.5e300),
+            json!("quote \" backslash \\ newline \n control \u{1} emoji \u{1F600} accent é"),
+            json!({"b": [1, {"c": null}], "a": "x", "": {}}),
+            json!([]),
+        ];
+        for value in values {
+            assert_eq!(json_len(&value), value.to_string().len(), "{value}");
+        }
     }
 }
