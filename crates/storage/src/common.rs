@@ -1006,18 +1006,156 @@ fn bad_cursor() -> StoreError {
     StoreError::InvalidCursor
 }
 
-/// Where a page of `list_recent_items` goes on: after this creation time and seq, the
-/// listing's order, written as the batch list's cursors are (`<micros>_<seq>`). Items of
-/// batches submitted at once may get their seqs in the other order than their creation
-/// times, so the seq alone would skip some. A bare seq, as cursors were written before,
-/// still reads the old way: `Ok((None, seq))`.
-fn decode_recent_cursor(cursor: &str) -> Result<(Option<OffsetDateTime>, i64), StoreError> {
-    let (created_at, seq) = match decode_time_cursor(cursor) {
-        Some((t, seq)) => (Some(t), seq),
-        None if !cursor.contains('_') => (None, cursor.to_owned()),
-        None => return Err(bad_cursor()),
+/// Where a page of `list_recent_items` goes on: after this item, in the listing's order
+/// (its batch's creation time, its batch's id, its index).
+#[derive(Debug)]
+struct RecentPlace {
+    created_at: OffsetDateTime,
+    batch_id: String,
+    item_index: i32,
+}
+
+/// A cursor of `list_recent_items`.
+#[derive(Debug)]
+enum RecentCursor {
+    /// `<micros>_<batch id>.<index>`, as written now: the batch's creation time, and the
+    /// index after the last `.` (a batch id may hold `.` itself).
+    At(RecentPlace),
+    /// An item's seq, as earlier versions wrote their cursors (`<micros>_<seq>`, or a bare
+    /// seq): the listing goes on after that item.
+    ItemSeq(i64),
+}
+
+fn decode_recent_cursor(cursor: &str) -> Result<RecentCursor, StoreError> {
+    let Some((created_at, rest)) = decode_time_cursor(cursor) else {
+        return match cursor.contains('_') {
+            false => cursor.parse().map(RecentCursor::ItemSeq).map_err(|_| bad_cursor()),
+            true => Err(bad_cursor()),
+        };
     };
-    Ok((created_at, seq.parse().map_err(|_| bad_cursor())?))
+    match rest.rsplit_once('.') {
+        Some((batch_id, index)) if !batch_id.is_empty() => Ok(RecentCursor::At(RecentPlace {
+            created_at,
+            batch_id: batch_id.to_owned(),
+            item_index: index.parse().map_err(|_| bad_cursor())?,
+        })),
+        Some(_) => Err(bad_cursor()),
+        None => rest.parse().map(RecentCursor::ItemSeq).map_err(|_| bad_cursor()),
+    }
+}
+
+/// Batches read at a time by [`recent_items`].
+const RECENT_BATCHES: i64 = 100;
+
+/// Up to `want` items of the batches created since `since` (and visible in `scope`), after
+/// `after`, in the order of `list_recent_items`: by their batch's creation time and id, then
+/// by index; each with its batch's creation time. An item is created with its batch, so no
+/// index of items' own is needed: the batches' index on creation time gives the batches in
+/// order and `(batch_id, item_index)` their items. Batches that fit whole are read in one
+/// statement; a batch that does not, by index up to what is wanted.
+async fn recent_items(
+    c: &mut Conn,
+    scope: Scope<'_>,
+    since: OffsetDateTime,
+    after: Option<RecentPlace>,
+    want: usize,
+) -> Result<Vec<(ItemRow, OffsetDateTime)>, StoreError> {
+    let mut out: Vec<(ItemRow, OffsetDateTime)> = Vec::with_capacity(want.min(INSERT_CHUNK + 1));
+    let mut from = None;
+    if let Some(after) = after {
+        // The rest of the batch the cursor is in, if it is still listed.
+        let listed = batches::table
+            .filter(batches::id.eq(&after.batch_id))
+            .filter(batches::created_at.ge(db_time(since)))
+            .select(batches::tenant)
+            .first::<String>(c)
+            .await
+            .optional()?
+            .is_some_and(|tenant| visible(&tenant, scope));
+        if listed {
+            let rest: Vec<ItemRow> = items::table
+                .filter(items::batch_id.eq(&after.batch_id))
+                .filter(items::item_index.gt(after.item_index))
+                .order(items::item_index.asc())
+                .limit(want as i64)
+                .select(ItemRow::as_select())
+                .load(c)
+                .await?;
+            out.extend(rest.into_iter().map(|r| (r, after.created_at)));
+        }
+        from = Some((after.created_at, after.batch_id));
+    }
+    while out.len() < want {
+        let mut q = batches::table
+            .filter(batches::created_at.ge(db_time(since)))
+            .select((batches::id, batches::created_at, batches::total))
+            .into_boxed();
+        if let Some(t) = scope.tenant() {
+            q = q.filter(batches::tenant.eq(t.to_owned()));
+        }
+        if let Some((t, id)) = &from {
+            let t = db_time(*t);
+            q = q.filter(batches::created_at.ge(t).and(batches::created_at.gt(t).or(batches::id.gt(id.clone()))));
+        }
+        let next: Vec<(String, OffsetDateTime, i64)> = q
+            .order((batches::created_at.asc(), batches::id.asc()))
+            .limit(RECENT_BATCHES)
+            .load(c)
+            .await?;
+        let Some(last) = next.last() else { break };
+        from = Some((last.1, last.0.clone()));
+        let mut room = want - out.len();
+        let fit = next.iter().take_while(|(_, _, total)| {
+            let fits = usize::try_from(*total).is_ok_and(|n| n <= room);
+            if fits {
+                room -= *total as usize;
+            }
+            fits
+        });
+        let whole: HashMap<&str, (usize, OffsetDateTime)> =
+            fit.enumerate().map(|(at, (id, created_at, _))| (id.as_str(), (at, *created_at))).collect();
+        if !whole.is_empty() {
+            let ids: Vec<&str> = whole.keys().copied().collect();
+            let mut rows: Vec<ItemRow> =
+                items::table.filter(items::batch_id.eq_any(ids)).select(ItemRow::as_select()).load(c).await?;
+            rows.sort_unstable_by_key(|r| (whole.get(r.batch_id.as_str()).map(|w| w.0), r.item_index));
+            out.extend(rows.into_iter().filter_map(|r| {
+                let created_at = whole.get(r.batch_id.as_str())?.1;
+                Some((r, created_at))
+            }));
+        }
+        if let Some((id, created_at, _)) = next.get(whole.len()).filter(|_| out.len() < want) {
+            // The first batch that does not fit whole: as much of it as is wanted, and no more.
+            let part: Vec<ItemRow> = items::table
+                .filter(items::batch_id.eq(id))
+                .order(items::item_index.asc())
+                .limit((want - out.len()) as i64)
+                .select(ItemRow::as_select())
+                .load(c)
+                .await?;
+            out.extend(part.into_iter().map(|r| (r, *created_at)));
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Where the item with this seq stands in the listing of `list_recent_items`; a cursor that
+/// names no item is a bad cursor.
+async fn item_place(c: &mut Conn, seq: i64) -> Result<RecentPlace, StoreError> {
+    let found: Option<(String, i32, OffsetDateTime)> = items::table
+        .inner_join(batches::table.on(batches::id.eq(items::batch_id)))
+        .filter(items::seq.eq(seq))
+        .select((items::batch_id, items::item_index, batches::created_at))
+        .first(c)
+        .await
+        .optional()?;
+    let (batch_id, item_index, created_at) = found.ok_or_else(bad_cursor)?;
+    Ok(RecentPlace {
+        created_at,
+        batch_id,
+        item_index,
+    })
 }
 
 fn page_limit(page: &PageRequest) -> i64 {
@@ -2812,27 +2950,22 @@ impl crate::Store for ThisStore {
     ) -> Result<Page<ItemRecord>, StoreError> {
         let now = self.now();
         let mut conn = self.read_conn().await?;
-        let mut q = items::table.filter(items::created_at.ge(db_time(since))).select(ItemRow::as_select()).into_boxed();
-        if let Some(t) = scope.tenant() {
-            q = q.filter(items::tenant.eq(t.to_owned()));
-        }
-        if let Some(cursor) = &page.cursor {
-            q = match decode_recent_cursor(cursor)? {
-                (Some(t), seq) => {
-                    q.filter(items::created_at.ge(db_time(t)).and(items::created_at.gt(db_time(t)).or(items::seq.gt(seq))))
-                }
-                (None, seq) => q.filter(items::seq.gt(seq)),
-            };
-        }
+        let after = match &page.cursor {
+            None => None,
+            Some(cursor) => Some(match decode_recent_cursor(cursor)? {
+                RecentCursor::At(at) => at,
+                RecentCursor::ItemSeq(seq) => item_place(&mut conn, seq).await?,
+            }),
+        };
         let limit = page_limit(page);
-        let mut rows: Vec<ItemRow> =
-            q.order((items::created_at.asc(), items::seq.asc())).limit(limit + 1).load(&mut *conn).await?;
+        let mut rows = recent_items(&mut conn, scope, since, after, limit as usize + 1).await?;
         let next_cursor = if rows.len() as i64 > limit {
             rows.truncate(limit as usize);
-            rows.last().map(|r| encode_time_cursor(r.created_at, &r.seq.to_string()))
+            rows.last().map(|(r, created_at)| encode_time_cursor(*created_at, &format!("{}.{}", r.batch_id, r.item_index)))
         } else {
             None
         };
+        let rows: Vec<ItemRow> = rows.into_iter().map(|(r, _)| r).collect();
         let batches = batches_of(&mut conn, &rows).await?;
         Ok(Page { rows: records(&mut conn, rows, &batches, now).await?, next_cursor })
     }

@@ -14,6 +14,8 @@ conformance!(
     tenants_never_see_each_other,
     list_filters_and_cursors,
     recent_items_page_in_creation_order_when_seqs_run_the_other_way,
+    recent_items_go_on_from_cursors_of_earlier_versions_and_batch_ids_with_dots,
+    recent_items_span_many_small_batches_and_pages_end_inside_or_between_them,
     positions_follow_claim_order,
     events_page_after_a_sequence_number,
     events_page_across_the_runs_they_are_stored_in,
@@ -199,6 +201,88 @@ async fn tenants_never_see_each_other(f: Fixture) {
 /// Two submits that read the clock in one order and wrote their items in the other: the
 /// later batch's items have the lower seqs. `list_recent_items` pages through creation time
 /// and seq together, so a cursor inside the earlier batch skips none of the later one.
+/// Recent items are listed through their batches; a cursor names the last item by its
+/// batch's creation time, its batch's id (which a client may choose, dots and all) and its
+/// index. Cursors of earlier versions named an item by its seq (`<micros>_<seq>`, or a bare
+/// seq): the listing goes on after that item.
+async fn recent_items_go_on_from_cursors_of_earlier_versions_and_batch_ids_with_dots(f: Fixture) {
+    let since = f.clock.now() - Duration::hours(1);
+    let mut dotted = batch("default", 3);
+    dotted.id = "a.b.7".to_owned();
+    dotted.client_chose_id = true;
+    let (_, first) = f.submit(dotted).await;
+    f.clock.advance(std::time::Duration::from_millis(1));
+    let (_, second) = f.submit(batch("default", 2)).await;
+    let everything: Vec<String> = first.iter().chain(&second).cloned().collect();
+    let list = |cursor: Option<String>, limit: usize| {
+        let page = PageRequest { cursor, limit };
+        let store = f.store.clone();
+        async move { store.list_recent_items(Scope::All, since, &page).await }
+    };
+    // One item a page: every cursor but the last names an item of the dotted batch or the next.
+    let mut listed = Vec::new();
+    let mut cursor = None;
+    for _ in 0..10 {
+        let page = list(cursor, 1).await.expect("list recent items");
+        listed.extend(page.rows.into_iter().map(|i| i.id));
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(listed, everything, "every item once, oldest first");
+    // Item seqs count from 1 in a fresh database: the dotted batch's second item is seq 2.
+    for old in ["2", "1765000000000000_2"] {
+        let page = list(Some(old.to_owned()), 10)
+            .await
+            .expect("an earlier version's cursor");
+        let ids: Vec<String> = page.rows.into_iter().map(|i| i.id).collect();
+        assert_eq!(ids, everything[2..].to_vec(), "after seq 2, from {old:?}");
+    }
+    // A seq that names no item is a bad cursor.
+    assert!(matches!(
+        list(Some("999999".to_owned()), 10).await,
+        Err(StoreError::InvalidCursor)
+    ));
+    for bad in ["1_.2", "1_a.b.x", "1_a.b.99999999999"] {
+        assert!(
+            matches!(list(Some(bad.to_owned()), 10).await, Err(StoreError::InvalidCursor)),
+            "cursor {bad:?}"
+        );
+    }
+}
+
+/// More batches than are read at a time (100), of 1 and 3 items: pages that end between
+/// batches and inside them list every item once, in order, on both paths (whole batches in
+/// one statement, a batch that does not fit by index).
+async fn recent_items_span_many_small_batches_and_pages_end_inside_or_between_them(f: Fixture) {
+    let since = f.clock.now() - Duration::hours(1);
+    let mut everything = Vec::new();
+    for n in 0..130 {
+        f.clock.advance(std::time::Duration::from_micros(1));
+        let (_, ids) = f.submit(batch("default", if n % 10 == 0 { 3 } else { 1 })).await;
+        everything.extend(ids);
+    }
+    for limit in [1000, 7, 3, 2] {
+        let mut listed = Vec::new();
+        let mut cursor = None;
+        for _ in 0..everything.len() + 1 {
+            let page = f
+                .store
+                .list_recent_items(Scope::Tenant("acme"), since, &PageRequest { cursor, limit })
+                .await
+                .expect("list recent items");
+            assert!(page.rows.len() <= limit);
+            listed.extend(page.rows.into_iter().map(|i| i.id));
+            cursor = page.next_cursor;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        assert_eq!(listed, everything, "pages of {limit}");
+    }
+}
+
 async fn recent_items_page_in_creation_order_when_seqs_run_the_other_way(f: Fixture) {
     let since = f.clock.now() - Duration::hours(1);
     f.clock.advance(std::time::Duration::from_millis(10));

@@ -1,0 +1,1 @@
+CREATE INDEX items_tenant_created ON items (tenant, created_at, seq);
