@@ -18,15 +18,16 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 /// `GET /v1/items?since=`: the caller's items of the last 24 hours (or since `since`),
-/// oldest first, with queue positions.
+/// oldest first (by their batch's creation, then by index), with queue positions.
 #[utoipa::path(
     get,
     path = "/v1/items",
     tag = "items",
     operation_id = "list_recent_items",
     summary = "List recent items",
-    description = "The caller's items created since `since` (by default the last 24 hours), oldest first, a page \
-                   at a time, with the queue positions of pending items; without their input.",
+    description = "The caller's items created since `since` (by default the last 24 hours), oldest first (by \
+                   their batch's creation, then by index), a page at a time, with the queue positions of pending \
+                   items; without their input.",
     params(RecentItemsParams, PageParams),
     responses(
         (status = 200, description = "A page of items", body = ItemList),
