@@ -691,6 +691,7 @@ impl Default for RunningItems {
     fn default() -> Self {
         Self {
             items: HashMap::new(),
+            // The keeper looks as soon as it starts, whatever has started by then.
             keeper_wakes_at: Instant::now(),
         }
     }

@@ -1116,13 +1116,18 @@ async fn recent_items(
             fit.enumerate().map(|(at, (id, created_at, _))| (id.as_str(), (at, *created_at))).collect();
         if !whole.is_empty() {
             let ids: Vec<&str> = whole.keys().copied().collect();
-            let mut rows: Vec<ItemRow> =
+            let loaded: Vec<ItemRow> =
                 items::table.filter(items::batch_id.eq_any(ids)).select(ItemRow::as_select()).load(c).await?;
-            rows.sort_unstable_by_key(|r| (whole.get(r.batch_id.as_str()).map(|w| w.0), r.item_index));
-            out.extend(rows.into_iter().filter_map(|r| {
-                let created_at = whole.get(r.batch_id.as_str())?.1;
-                Some((r, created_at))
-            }));
+            // In the batches' order, then by index.
+            let mut rows: Vec<(usize, OffsetDateTime, ItemRow)> = loaded
+                .into_iter()
+                .filter_map(|r| {
+                    let &(at, created_at) = whole.get(r.batch_id.as_str())?;
+                    Some((at, created_at, r))
+                })
+                .collect();
+            rows.sort_unstable_by_key(|(at, _, r)| (*at, r.item_index));
+            out.extend(rows.into_iter().map(|(_, created_at, r)| (r, created_at)));
         }
         if let Some((id, created_at, _)) = next.get(whole.len()).filter(|_| out.len() < want) {
             // The first batch that does not fit whole: as much of it as is wanted, and no more.
