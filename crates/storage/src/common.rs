@@ -11,9 +11,11 @@
 // - `locked!(query)` / `skip_locked!(query)`: `FOR UPDATE [SKIP LOCKED]` on PostgreSQL, nothing
 //   on SQLite (whose write transactions are serialized);
 // - `insert_rows!(c, table, rows)`: a multi-row insert of owned rows;
-// - `save_items`, `insert_items`, `insert_event_runs`, `complete_fresh`, `complete_own`,
+// - `save_items`, `insert_items`, `insert_event_runs`, `complete_ranged`, `complete_own`,
 //   `delete_entries`, `lock_end_rows_by_id`, `lock_batch_rows`, `leases_of`, `items_from`
 //   and `next_batch_seq`: the statements of the hot path, in each backend's best form;
+// - `Piped<'_>`: what `joined!` hands each of its expressions as a connection (`&mut
+//   Piped<'_>`): a shared connection on PostgreSQL, the connection itself on SQLite;
 // - `Self::notify_in_tx(c, &notices)` and `Self::after_commit(notices)`;
 // - `self.turn()`, the commit order of group transactions (`crate::order`), and
 //   `self.insert_turn()`, held while a batch's items are inserted.
@@ -225,15 +227,25 @@ struct EndRow {
     started_at: Option<OffsetDateTime>,
 }
 
-/// A completion of an item running under a range lease, as `complete_fresh` writes it: the
-/// row must still say `pending`, never started (so no attempt counted yet: `attempts` is 0
-/// until an item starts), in the lease's batch. Its attempt is the first.
+/// A completion of an item running under a range lease that `complete_ranged` wrote: the
+/// row still said `pending`, never started (so no attempt counted yet: `attempts` is 0
+/// until an item starts), in the lease's batch. Its attempt was the first.
 #[derive(Debug, Clone)]
-struct FreshEnd {
+struct RangeDone {
     id: String,
     batch_id: String,
     item_index: i32,
-    started_at: OffsetDateTime,
+}
+
+/// A completion of an item under a range lease as its worker sent it: `complete_ranged`
+/// writes it when lease `lease` covers item `item_index`, `secret` is the
+/// lease's, and the item's row still says it runs under the range.
+#[derive(Debug, Clone)]
+struct RangeEnd {
+    id: String,
+    lease: i64,
+    secret: String,
+    item_index: i32,
     result: Value,
 }
 
@@ -1780,7 +1792,7 @@ enum FastEnd {
     /// An item that ran under range lease `lease`. It had never started before, so this was
     /// its first attempt, and nothing wrote its step or message (reporting either takes an
     /// item out of its range).
-    Fresh { end: FreshEnd, lease: i64 },
+    Fresh { end: RangeDone, lease: i64 },
     /// An item claimed one by one: its row as the completion returned it.
     Own(CompletedItem),
 }
@@ -1795,61 +1807,46 @@ impl FastEnd {
 }
 
 /// Writes the completions of items whose batch runs on, before anything else is locked: one
-/// conditional UPDATE for items of range leases (`complete_fresh`) and one for items
-/// claimed one by one (`complete_own`). Their conditions are the lease checks, so writing
-/// the row is locking it, and an item someone else changed meanwhile is simply not written:
-/// its finish takes the general path. Returns what it wrote, by position in `finishes`; an
-/// item finished twice in one group is written once, for its first finish.
+/// conditional UPDATE for items of range leases (`complete_ranged`, which checks the lease
+/// too) and one for items claimed one by one (`complete_own`). Their conditions are the
+/// lease checks, so writing the row is locking it, and an item someone else changed
+/// meanwhile is simply not written: its finish takes the general path. Returns what it
+/// wrote, by position in `finishes`; an item finished twice in one group is written once,
+/// for its first finish. On PostgreSQL it runs beside a claim's reads (`joined!`).
 async fn complete_fast(
-    c: &mut Conn,
+    c: &mut Piped<'_>,
     finishes: &[Finish],
     now: OffsetDateTime,
 ) -> Result<HashMap<usize, FastEnd>, StoreError> {
     let mut seen = HashSet::new();
     let mut range = Vec::new();
     let mut own = Vec::new();
+    let mut positions: HashMap<&str, usize> = HashMap::new();
     for (pos, f) in finishes.iter().enumerate() {
         let Outcome::Completed { result } = &f.outcome else { continue };
         if !seen.insert(f.item_id.as_str()) {
             continue;
         }
+        positions.insert(f.item_id.as_str(), pos);
         match parse_range_token(&f.lease_token) {
-            Some((lease, secret, index)) => range.push((pos, lease, secret, index, result)),
-            None => own.push((
-                pos,
-                OwnEnd { id: f.item_id.clone(), token: f.lease_token.clone(), result: result.clone() },
-            )),
+            Some((lease, secret, item_index)) => range.push(RangeEnd {
+                id: f.item_id.clone(),
+                lease,
+                secret: secret.to_owned(),
+                item_index,
+                result: result.clone(),
+            }),
+            None => own.push(OwnEnd { id: f.item_id.clone(), token: f.lease_token.clone(), result: result.clone() }),
         }
     }
-    let mut lease_ids: Vec<i64> = range.iter().map(|(_, lease, ..)| *lease).collect();
-    lease_ids.sort_unstable();
-    lease_ids.dedup();
-    let leases = leases_by_id(c, lease_ids).await?;
-    let mut positions: HashMap<String, (usize, Option<i64>)> = HashMap::with_capacity(range.len() + own.len());
-    let mut fresh = Vec::with_capacity(range.len());
-    for (pos, lease_id, secret, index, result) in range {
-        let Some(lease) = leases.get(&lease_id).filter(|l| l.covers(index) && l.secret == secret) else { continue };
-        let id = finishes[pos].item_id.clone();
-        positions.insert(id.clone(), (pos, Some(lease_id)));
-        fresh.push(FreshEnd {
-            id,
-            batch_id: lease.batch_id.clone(),
-            item_index: index,
-            started_at: lease.started_at,
-            result: result.clone(),
-        });
-    }
-    for (pos, end) in &own {
-        positions.insert(end.id.clone(), (*pos, None));
-    }
     let mut out = HashMap::with_capacity(positions.len());
-    for end in complete_fresh(c, fresh, now).await? {
-        if let Some(&(pos, Some(lease))) = positions.get(&end.id) {
+    for (end, lease) in complete_ranged(c, range, now).await? {
+        if let Some(&pos) = positions.get(end.id.as_str()) {
             out.insert(pos, FastEnd::Fresh { end, lease });
         }
     }
-    for done in complete_own(c, own.into_iter().map(|(_, end)| end).collect(), now).await? {
-        if let Some(&(pos, None)) = positions.get(&done.id) {
+    for done in complete_own(c, own, now).await? {
+        if let Some(&pos) = positions.get(done.id.as_str()) {
             out.insert(pos, FastEnd::Own(done));
         }
     }
@@ -3246,21 +3243,46 @@ impl crate::Store for ThisStore {
                     // of candidates are read, together (pipelined on PostgreSQL); a paused
                     // queue's are dropped. Candidate queue entries are locked skipping those
                     // other transactions hold.
-                    let fast = complete_fast(c, &finishes, now).await?;
+                    // The completions and the first claim's reads touch different rows, so they
+                    // go out together: one round trip where there were three.
+                    let none = HashSet::new();
+                    let first = <[ClaimRequest]>::first(&claims).filter(|r| r.max_items > 0);
+                    let (fast, first_paused, first_found, first_cursors) = joined!(c =>
+                        complete_fast(c, &finishes, now).await?,
+                        match first {
+                            Some(request) => queue_paused(c, &request.queue).await?,
+                            None => false,
+                        },
+                        match first {
+                            Some(request) => entry_candidates(c, request, &none, now).await?,
+                            None => Vec::new(),
+                        },
+                        match first {
+                            Some(request) => range_candidates(c, request, now).await?,
+                            None => Vec::new(),
+                        },
+                    );
                     let mut entries: Vec<Vec<EntryRow>> = Vec::with_capacity(claims.len());
                     let mut cursors = Vec::with_capacity(claims.len());
+                    let mut first_reads = Some((first_paused, first_found, first_cursors));
                     for request in &claims {
+                        let reads = first_reads.take();
                         if request.max_items == 0 {
                             entries.push(Vec::new());
                             cursors.push(Vec::new());
                             continue;
                         }
-                        let taken: HashSet<i64> = entries.iter().flatten().map(|e| e.item_seq).collect();
-                        let (paused, found, at_cursors) = joined!(c =>
-                            queue_paused(c, &request.queue).await?,
-                            entry_candidates(c, request, &taken, now).await?,
-                            range_candidates(c, request, now).await?,
-                        );
+                        let (paused, found, at_cursors) = match reads {
+                            Some(reads) => reads,
+                            None => {
+                                let taken: HashSet<i64> = entries.iter().flatten().map(|e| e.item_seq).collect();
+                                joined!(c =>
+                                    queue_paused(c, &request.queue).await?,
+                                    entry_candidates(c, request, &taken, now).await?,
+                                    range_candidates(c, request, now).await?,
+                                )
+                            }
+                        };
                         entries.push(if paused { Vec::new() } else { found });
                         cursors.push(if paused { Vec::new() } else { at_cursors });
                     }

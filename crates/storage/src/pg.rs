@@ -36,6 +36,10 @@ const CONCURRENT_INSERTS: usize = 2;
 const UNBLOCKED: &str = "NOT queue_entries.blocked";
 
 type Conn = AsyncPgConnection;
+
+/// What `joined!` and `pipelined!` hand their expressions: the connection, shared, so that
+/// their statements go out together.
+type Piped<'a> = &'a Conn;
 type Db = diesel::pg::Pg;
 /// The SQL type of the times in hand-written SQL.
 type SqlTimestamp = diesel::sql_types::Timestamptz;
@@ -180,20 +184,22 @@ mod statements {
          cancel_reason, started_at, updated_at, completed_at) WHERE i.seq = v.seq"
     );
 
+    // The arrays are unnested in the select list, in lockstep, not in `FROM`: a function in
+    // `FROM` is first copied into a tuplestore of its own, column by column, and read back.
+    // What every item of the batch shares is bound once.
     statement!(InsertItems {
-        id: Vec<String>, batch_id: Vec<String>, tenant: Vec<String>, queue: Vec<String>, priority: Vec<i32>,
+        id: Vec<String>, batch_id: String, tenant: String, queue: String, priority: i32,
         item_index: Vec<i32>, custom_id: Vec<Option<String>>, input: Vec<Value>, config: Vec<Value>,
-        status: Vec<&'static str>, blocked: Vec<bool>, attempts: Vec<i32>, max_attempts: Vec<i32>,
-        created_at: Vec<OffsetDateTime>, updated_at: Vec<OffsetDateTime>,
+        blocked: Vec<bool>, max_attempts: Vec<i32>, now: OffsetDateTime,
     } returns () =
         "INSERT INTO items (id, batch_id, tenant, queue, priority, item_index, custom_id, input, config, status, \
-         blocked, attempts, max_attempts, created_at, updated_at) SELECT * FROM unnest(",
-        id => Array<Text>, "::text[], ", batch_id => Array<Text>, "::text[], ", tenant => Array<Text>, "::text[], ",
-        queue => Array<Text>, "::text[], ", priority => Array<Integer>, "::int[], ", item_index => Array<Integer>, "::int[], ",
-        custom_id => Array<Nullable<Text>>, "::text[], ", input => Array<Jsonb>, "::jsonb[], ", config => Array<Jsonb>, "::jsonb[], ",
-        status => Array<Text>, "::text[], ", blocked => Array<Bool>, "::bool[], ", attempts => Array<Integer>, "::int[], ",
-        max_attempts => Array<Integer>, "::int[], ", created_at => Array<Timestamptz>, "::timestamptz[], ",
-        updated_at => Array<Timestamptz>, "::timestamptz[])"
+         blocked, attempts, max_attempts, created_at, updated_at) SELECT unnest(",
+        id => Array<Text>, "::text[]), ", batch_id => Text, "::text, ", tenant => Text, "::text, ",
+        queue => Text, "::text, ", priority => Integer, "::int, unnest(", item_index => Array<Integer>, "::int[]), unnest(",
+        custom_id => Array<Nullable<Text>>, "::text[]), unnest(", input => Array<Jsonb>, "::jsonb[]), unnest(",
+        config => Array<Jsonb>, "::jsonb[]), 'pending', unnest(", blocked => Array<Bool>, "::bool[]), 0, unnest(",
+        max_attempts => Array<Integer>, "::int[]), ", now => Timestamptz, "::timestamptz, ", now => Timestamptz,
+        "::timestamptz"
     );
 
     statement!(InsertEventRuns {
@@ -204,20 +210,24 @@ mod statements {
         last_seq => Array<BigInt>, "::bigint[], ", events => Array<Text>, "::text[])"
     );
 
-    statement!(CompleteFresh {
-        id: Vec<String>, batch_id: Vec<String>, item_index: Vec<i32>, started_at: Vec<OffsetDateTime>,
-        result: Vec<Value>, now: OffsetDateTime,
-    } returns BigInt =
-        "UPDATE items AS i SET status = 'completed', attempts = 1, started_at = v.started_at, \
-         result = v.result, error = NULL, completed_at = v.now, updated_at = v.now FROM (SELECT *, ",
-        now => Timestamptz, "::timestamptz AS now FROM unnest(", id => Array<Text>, "::text[], ",
-        batch_id => Array<Text>, "::text[], ", item_index => Array<Integer>, "::int[], ",
-        started_at => Array<Timestamptz>, "::timestamptz[], ", result => Array<Jsonb>,
-        "::jsonb[]) WITH ORDINALITY AS u(id, batch_id, item_index, started_at, result, n)) AS v \
-         WHERE i.batch_id = v.batch_id AND i.item_index = v.item_index AND i.id = v.id \
+    // The lease check is a join: the completion needs no read of the leases before it, and
+    // goes out beside the first claim's reads.
+    statement!(CompleteRanged {
+        id: Vec<String>, lease: Vec<i64>, secret: Vec<String>, item_index: Vec<i32>, result: Vec<Value>,
+        now: OffsetDateTime,
+    } returns (BigInt, Text) =
+        "UPDATE items AS i SET status = 'completed', attempts = 1, started_at = l.started_at, \
+         result = v.result, error = NULL, completed_at = ", now => Timestamptz, "::timestamptz, updated_at = ",
+        now => Timestamptz, "::timestamptz FROM unnest(", id => Array<Text>, "::text[], ",
+        lease => Array<BigInt>, "::bigint[], ", secret => Array<Text>, "::text[], ",
+        item_index => Array<Integer>, "::int[], ", result => Array<Jsonb>,
+        "::jsonb[]) WITH ORDINALITY AS v(id, lease, secret, item_index, result, n) \
+         JOIN leases AS l ON l.id = v.lease AND l.secret = v.secret AND l.item_seq IS NULL \
+         AND v.item_index BETWEEN l.first_index AND l.last_index \
+         WHERE i.batch_id = l.batch_id AND i.item_index = v.item_index AND i.id = v.id \
          AND i.status = 'pending' AND i.started_at IS NULL AND i.attempts = 0 \
          AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = i.batch_id AND b.status IN ('pending', 'running', 'paused')) \
-         RETURNING v.n"
+         RETURNING v.n, l.batch_id"
     );
 
     statement!(CompleteOwn {
@@ -283,45 +293,50 @@ async fn save_items(c: &mut Conn, rows: Vec<ItemRow>) -> Result<Vec<ItemRow>, St
 
 /// Inserts a batch's new items in one statement, as arrays turned back into rows by
 /// `unnest`, in index order (a multi-row insert of a thousand rows is parsed and planned
-/// each time).
+/// each time). The rows are one batch's, new: what they share is bound once, and a row that
+/// does not share it is refused.
 async fn insert_items(c: &mut Conn, rows: Vec<NewItemRow>) -> Result<(), StoreError> {
-    if rows.is_empty() {
+    let Some(first) = <[NewItemRow]>::first(&rows) else {
         return Ok(());
-    }
+    };
     let n = rows.len();
     let mut s = InsertItems {
         id: Vec::with_capacity(n),
-        batch_id: Vec::with_capacity(n),
-        tenant: Vec::with_capacity(n),
-        queue: Vec::with_capacity(n),
-        priority: Vec::with_capacity(n),
+        batch_id: first.batch_id.clone(),
+        tenant: first.tenant.clone(),
+        queue: first.queue.clone(),
+        priority: first.priority,
         item_index: Vec::with_capacity(n),
         custom_id: Vec::with_capacity(n),
         input: Vec::with_capacity(n),
         config: Vec::with_capacity(n),
-        status: Vec::with_capacity(n),
         blocked: Vec::with_capacity(n),
-        attempts: Vec::with_capacity(n),
         max_attempts: Vec::with_capacity(n),
-        created_at: Vec::with_capacity(n),
-        updated_at: Vec::with_capacity(n),
+        now: first.created_at,
     };
+    let pending = ItemStatus::Pending.as_str();
     for r in rows {
+        let shared = r.batch_id == s.batch_id
+            && r.tenant == s.tenant
+            && r.queue == s.queue
+            && r.priority == s.priority
+            && r.status == pending
+            && r.attempts == 0
+            && r.created_at == s.now
+            && r.updated_at == s.now;
+        if !shared {
+            return Err(StoreError::Corrupt(format!(
+                "item {} of batch {} is not a new item of batch {}",
+                r.item_index, r.batch_id, s.batch_id
+            )));
+        }
         s.id.push(r.id);
-        s.batch_id.push(r.batch_id);
-        s.tenant.push(r.tenant);
-        s.queue.push(r.queue);
-        s.priority.push(r.priority);
         s.item_index.push(r.item_index);
         s.custom_id.push(r.custom_id);
         s.input.push(r.input);
         s.config.push(r.config);
-        s.status.push(r.status);
         s.blocked.push(r.blocked);
-        s.attempts.push(r.attempts);
         s.max_attempts.push(r.max_attempts);
-        s.created_at.push(r.created_at);
-        s.updated_at.push(r.updated_at);
     }
     let inserted = s.execute(c).await?;
     if inserted != n {
@@ -354,44 +369,56 @@ async fn insert_event_runs(c: &mut &Conn, runs: Vec<EventRunRow>) -> Result<(), 
     Ok(())
 }
 
-/// Completes items running under range leases, while their rows still say so; returns the
-/// ends it wrote.
-async fn complete_fresh(
-    c: &mut Conn,
-    mut rows: Vec<FreshEnd>,
+/// Completes items running under range leases, where the lease covers the item and its
+/// secret matches and the item's row still says it runs under the range; returns the ends
+/// it wrote, each with its lease.
+async fn complete_ranged(
+    c: &mut &Conn,
+    ends: Vec<RangeEnd>,
     now: OffsetDateTime,
-) -> Result<Vec<FreshEnd>, StoreError> {
-    if rows.is_empty() {
-        return Ok(rows);
+) -> Result<Vec<(RangeDone, i64)>, StoreError> {
+    if ends.is_empty() {
+        return Ok(Vec::new());
     }
-    let n = rows.len();
-    let mut s = CompleteFresh {
+    let n = ends.len();
+    let mut s = CompleteRanged {
         id: Vec::with_capacity(n),
-        batch_id: Vec::with_capacity(n),
+        lease: Vec::with_capacity(n),
+        secret: Vec::with_capacity(n),
         item_index: Vec::with_capacity(n),
-        started_at: Vec::with_capacity(n),
         result: Vec::with_capacity(n),
         now,
     };
-    for r in &mut rows {
-        s.id.push(r.id.clone());
-        s.batch_id.push(r.batch_id.clone());
-        s.item_index.push(r.item_index);
-        s.started_at.push(r.started_at);
-        s.result.push(std::mem::take(&mut r.result));
-    }
-    // `n` counts from 1, in the order of `rows`.
-    let mut written: Vec<i64> = s.load(c).await?;
-    written.sort_unstable();
-    let mut rows: Vec<Option<FreshEnd>> = rows.into_iter().map(Some).collect();
-    Ok(written
+    let mut ends: Vec<Option<RangeEnd>> = ends
         .into_iter()
-        .filter_map(|n| rows.get_mut(usize::try_from(n - 1).ok()?)?.take())
-        .collect())
+        .map(|mut e| {
+            s.id.push(e.id.clone());
+            s.lease.push(e.lease);
+            s.secret.push(std::mem::take(&mut e.secret));
+            s.item_index.push(e.item_index);
+            s.result.push(std::mem::take(&mut e.result));
+            Some(e)
+        })
+        .collect();
+    // `n` counts from 1, in the order of `ends`.
+    let written: Vec<(i64, String)> = s.load(c).await?;
+    let mut out = Vec::with_capacity(written.len());
+    for (k, batch_id) in written {
+        let Some(e) = usize::try_from(k - 1).ok().and_then(|k| ends.get_mut(k)?.take()) else {
+            continue;
+        };
+        let end = RangeDone {
+            id: e.id,
+            batch_id,
+            item_index: e.item_index,
+        };
+        out.push((end, e.lease));
+    }
+    Ok(out)
 }
 
 /// Completes items claimed one by one, while they still run under these tokens.
-async fn complete_own(c: &mut Conn, rows: Vec<OwnEnd>, now: OffsetDateTime) -> Result<Vec<CompletedItem>, StoreError> {
+async fn complete_own(c: &mut &Conn, rows: Vec<OwnEnd>, now: OffsetDateTime) -> Result<Vec<CompletedItem>, StoreError> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }

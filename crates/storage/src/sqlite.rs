@@ -35,6 +35,9 @@ const UNBLOCKED: &str = "queue_entries.blocked = 0";
 
 type Conn = SyncConnectionWrapper<SqliteConnection, Inline>;
 
+/// What `joined!` hands its expressions: the connection itself, as they run one by one.
+type Piped<'a> = Conn;
+
 /// Runs each statement on the thread that asks for it. A write transaction runs whole on a
 /// blocking thread (`SqliteStore::transaction`): one trip there per transaction, not one per
 /// statement, which cost more than most statements themselves. Reads are short and run where
@@ -379,6 +382,65 @@ impl InsertRow for EventRunRow {
 /// Completions in a run shorter than this are written one by one. A run adds a savepoint, its
 /// release and returned rows; the threshold is a choice, not measured against single rows.
 const MIN_FRESH_RUN: usize = 4;
+
+/// A completion of an item running under a range lease, as `complete_fresh` writes it: the
+/// row must still say `pending`, never started (so no attempt counted yet: `attempts` is 0
+/// until an item starts), in the lease's batch. Its attempt is the first.
+#[derive(Debug, Clone)]
+struct FreshEnd {
+    id: String,
+    batch_id: String,
+    item_index: i32,
+    started_at: OffsetDateTime,
+    result: Value,
+}
+
+/// Completes items running under range leases, where the lease covers the item and its
+/// secret matches, and the item's row still says it runs under the range (see
+/// [`complete_fresh`]); returns the ends it wrote, each with its lease.
+async fn complete_ranged(
+    c: &mut Conn,
+    ends: Vec<RangeEnd>,
+    now: OffsetDateTime,
+) -> Result<Vec<(RangeDone, i64)>, StoreError> {
+    let mut lease_ids: Vec<i64> = ends.iter().map(|e| e.lease).collect();
+    lease_ids.sort_unstable();
+    lease_ids.dedup();
+    let leases = leases_by_id(c, lease_ids).await?;
+    let mut lease_of: HashMap<String, i64> = HashMap::with_capacity(ends.len());
+    let mut fresh = Vec::with_capacity(ends.len());
+    for e in ends {
+        let Some(lease) = leases
+            .get(&e.lease)
+            .filter(|l| l.covers(e.item_index) && l.secret == e.secret)
+        else {
+            continue;
+        };
+        lease_of.insert(e.id.clone(), e.lease);
+        fresh.push(FreshEnd {
+            id: e.id,
+            batch_id: lease.batch_id.clone(),
+            item_index: e.item_index,
+            started_at: lease.started_at,
+            result: e.result,
+        });
+    }
+    Ok(complete_fresh(c, fresh, now)
+        .await?
+        .into_iter()
+        .filter_map(|end| {
+            let lease = lease_of.get(&end.id).copied()?;
+            Some((
+                RangeDone {
+                    id: end.id,
+                    batch_id: end.batch_id,
+                    item_index: end.item_index,
+                },
+                lease,
+            ))
+        })
+        .collect())
+}
 
 /// Completes items running under range leases, while their rows still say so, for the items
 /// of batches that run on (write transactions are serialized, so each batch's status is read

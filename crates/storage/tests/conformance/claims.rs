@@ -28,6 +28,7 @@ conformance!(
     a_run_of_equal_results_completes_every_item,
     a_run_skips_an_item_that_left_its_range,
     a_run_naming_other_items_writes_only_the_right_ones,
+    forged_range_tokens_write_nothing,
 );
 
 async fn claims_by_priority_then_fifo(f: Fixture) {
@@ -527,6 +528,38 @@ async fn a_run_naming_other_items_writes_only_the_right_ones(f: Fixture) {
     let results = f.store.finish(same_result(&claimed[2..4])).await.expect("finish");
     assert_eq!(results, vec![completed; 2]);
     assert_eq!(f.batch(&b.id).await.status, BatchStatus::Completed);
+    f.assert_counts_match_items(&b.id).await;
+}
+
+async fn forged_range_tokens_write_nothing(f: Fixture) {
+    let (b, _) = f.submit(batch("q", 8)).await;
+    // One range lease over items 0 to 3; items 4 to 7 stay pending.
+    let claimed = f.claim("q", 4).await;
+    let parts: Vec<&str> = claimed[0].lease_token.splitn(3, '.').collect();
+    let (lease, secret) = (parts[0], parts[1]);
+    assert_eq!(parts[2], "0", "a range token names its item's index");
+    let mut finishes = same_result(&claimed);
+    // The right lease with another secret, an index the lease does not cover, a lease that
+    // does not exist, and (item 3) its own token.
+    finishes[0].lease_token = format!("{lease}.{}.0", secret.chars().rev().collect::<String>());
+    finishes[1].lease_token = format!("{lease}.{secret}.7");
+    finishes[2].lease_token = format!("{}.{secret}.2", lease.parse::<i64>().expect("a lease id") + 1000);
+    let results = f.store.finish(finishes).await.expect("finish");
+    let (lost, completed) = (FinishResult::LeaseLost, FinishResult::Applied(ItemStatus::Completed));
+    assert_eq!(results, vec![lost, lost, lost, completed]);
+    let items = f.items(&b.id).await;
+    let statuses: Vec<ItemStatus> = items.iter().map(|i| i.status).collect();
+    let (done, running, pending) = (ItemStatus::Completed, ItemStatus::Running, ItemStatus::Pending);
+    assert_eq!(
+        statuses,
+        vec![running, running, running, done, pending, pending, pending, pending]
+    );
+    f.assert_counts_match_items(&b.id).await;
+    // The true tokens still hold, once.
+    let results = f.store.finish(same_result(&claimed[..3])).await.expect("finish");
+    assert_eq!(results, vec![completed; 3]);
+    let results = f.store.finish(same_result(&claimed[..3])).await.expect("finish");
+    assert_eq!(results, vec![lost; 3]);
     f.assert_counts_match_items(&b.id).await;
 }
 
