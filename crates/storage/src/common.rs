@@ -12,6 +12,7 @@
 //   on SQLite (whose write transactions are serialized);
 // - `insert_rows!(c, table, rows)`: a multi-row insert of owned rows;
 // - `save_items`, `insert_items`, `insert_event_runs`, `complete_ranged`, `complete_own`,
+//   `reserve_lease_ids`, `insert_range_leases`,
 //   `delete_entries`, `lock_end_rows_by_id`, `lock_batch_rows`, `leases_of`, `items_from`
 //   and `next_batch_seq`: the statements of the hot path, in each backend's best form;
 // - `Piped<'_>`: what `joined!` hands each of its expressions as a connection (`&mut
@@ -59,6 +60,10 @@ use crate::{Readiness, StoreError};
 
 /// Rows of a multi-row insert per statement: below both backends' bind-parameter limits.
 const INSERT_CHUNK: usize = 1_000;
+
+/// Range lease ids a group transaction reserves for its claims (each batch a claim takes
+/// items from makes one lease); a claim that makes more inserts the rest one by one.
+const RESERVED_LEASES: usize = 4;
 /// Expired leases handled per `requeue_expired_leases` call.
 const REQUEUE_BATCH: i64 = 1_000;
 
@@ -770,6 +775,9 @@ struct Touched {
     entries_add: Vec<EntryRow>,
     entries_remove: Vec<i64>,
     leases_add: Vec<NewLeaseRow>,
+    /// Range leases made under ids reserved beforehand (`reserve_lease_ids`): their rows are
+    /// written with the transaction's other writes, not when they are made.
+    ranges_add: Vec<(i64, NewLeaseRow)>,
     /// Items whose own lease goes.
     leases_end: Vec<i64>,
     /// Range leases and how many of their items stopped running under them.
@@ -792,6 +800,7 @@ impl Touched {
             entries_add: Vec::new(),
             entries_remove: Vec::new(),
             leases_add: Vec::new(),
+            ranges_add: Vec::new(),
             leases_end: Vec::new(),
             ranges_end: BTreeMap::new(),
             materialized: HashMap::new(),
@@ -1418,14 +1427,15 @@ async fn save_touched(
     now: OffsetDateTime,
 ) -> Result<Vec<Notice>, StoreError> {
     let mut notices = Vec::new();
-    let (mut entries_remove, mut entries_add, mut leases_end, mut leases_add) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut entries_remove, mut entries_add, mut leases_end, mut leases_add, mut ranges_add) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut ranges_end: BTreeMap<i64, i32> = BTreeMap::new();
     for t in touched.iter_mut() {
         entries_remove.append(&mut t.entries_remove);
         entries_add.append(&mut t.entries_add);
         leases_end.append(&mut t.leases_end);
         leases_add.append(&mut t.leases_add);
+        ranges_add.append(&mut t.ranges_add);
         leases_add.extend(t.materialized.drain().map(|(_, lease)| lease));
         for (id, n) in std::mem::take(&mut t.ranges_end) {
             *ranges_end.entry(id).or_default() += n;
@@ -1483,6 +1493,7 @@ async fn save_touched(
             if !leases_add.is_empty() {
                 insert_chunked!(c, leases::table, leases_add);
             }
+            insert_range_leases(c, ranges_add).await?;
         }
         {
             for row in &updates {
@@ -2082,6 +2093,7 @@ async fn claim_for(
     cursors: Vec<(String, i64, i32)>,
     touched: &mut BTreeMap<String, Touched>,
     failed_now: &HashSet<String>,
+    reserved: &mut Vec<i64>,
     now: OffsetDateTime,
 ) -> Result<(Vec<ClaimedItem>, Vec<ItemRow>), StoreError> {
     // A batch's entries come before the items at its cursor: their indexes are lower.
@@ -2195,7 +2207,7 @@ async fn claim_for(
                     continue;
                 }
                 let want = (request.max_items - claimed.len()).min(t.row.unclaimed as usize);
-                claimed.extend(claim_range(c, t, request, want, now).await?);
+                claimed.extend(claim_range(c, t, request, want, reserved, now).await?);
             }
         }
     }
@@ -2204,12 +2216,15 @@ async fn claim_for(
 
 /// Claims the next `want` pending items at a batch's cursor as one range lease: moves the
 /// cursor past them (and past items that ended before it got there), writes their
-/// `item.started` events and the lease; their rows are not written.
+/// `item.started` events and the lease; their rows are not written. The lease takes an id
+/// from `reserved` while there is one, and its row is then written with the transaction's
+/// other writes; otherwise it is inserted at once, for its id.
 async fn claim_range(
     c: &mut Conn,
     t: &mut Touched,
     request: &ClaimRequest,
     want: usize,
+    reserved: &mut Vec<i64>,
     now: OffsetDateTime,
 ) -> Result<Vec<ClaimedItem>, StoreError> {
     let lease_expires_at = now + request.lease;
@@ -2239,21 +2254,43 @@ async fn claim_range(
     };
     let n = taken.len() as i64;
     let secret = batchd_domain::new_lease_token();
-    // The lease is written first: the items' tokens name it.
-    let lease_id: i64 = InsertRangeLease {
-        batch_id: &t.row.id,
-        queue: &t.row.queue,
-        first_index: first.item_index,
-        last_index: last.item_index,
-        owner: &request.owner,
-        secret: &secret,
-        running: n as i32,
-        started_at: now,
-        expires_at: lease_expires_at,
-        _row: std::marker::PhantomData,
-    }
-    .get_result(c)
-    .await?;
+    // The items' tokens name the lease.
+    let lease_id: i64 = match reserved.pop() {
+        Some(id) => {
+            t.ranges_add.push((
+                id,
+                NewLeaseRow {
+                    batch_id: t.row.id.clone(),
+                    queue: t.row.queue.clone(),
+                    first_index: first.item_index,
+                    last_index: last.item_index,
+                    item_seq: None,
+                    owner: request.owner.clone(),
+                    secret: secret.clone(),
+                    running: n as i32,
+                    started_at: now,
+                    expires_at: lease_expires_at,
+                },
+            ));
+            id
+        }
+        None => {
+            InsertRangeLease {
+                batch_id: &t.row.id,
+                queue: &t.row.queue,
+                first_index: first.item_index,
+                last_index: last.item_index,
+                owner: &request.owner,
+                secret: &secret,
+                running: n as i32,
+                started_at: now,
+                expires_at: lease_expires_at,
+                _row: std::marker::PhantomData,
+            }
+            .get_result(c)
+            .await?
+        }
+    };
     t.row.unclaimed -= n;
     t.move_items(ItemStatus::Pending, ItemStatus::Running, n);
     t.start(now)?;
@@ -3247,7 +3284,7 @@ impl crate::Store for ThisStore {
                     // go out together: one round trip where there were three.
                     let none = HashSet::new();
                     let first = <[ClaimRequest]>::first(&claims).filter(|r| r.max_items > 0);
-                    let (fast, first_paused, first_found, first_cursors) = joined!(c =>
+                    let (fast, first_paused, first_found, first_cursors, mut reserved) = joined!(c =>
                         complete_fast(c, &finishes, now).await?,
                         match first {
                             Some(request) => queue_paused(c, &request.queue).await?,
@@ -3261,6 +3298,9 @@ impl crate::Store for ThisStore {
                             Some(request) => range_candidates(c, request, now).await?,
                             None => Vec::new(),
                         },
+                        // Ids for the range leases the claims may make, so that making one
+                        // costs no round trip of its own.
+                        reserve_lease_ids(c, if first.is_some() { RESERVED_LEASES } else { 0 }).await?,
                     );
                     let mut entries: Vec<Vec<EntryRow>> = Vec::with_capacity(claims.len());
                     let mut cursors = Vec::with_capacity(claims.len());
@@ -3348,7 +3388,17 @@ impl crate::Store for ThisStore {
                     let mut claimed_out = Vec::with_capacity(claims.len());
                     for ((request, entries), cursors) in claims.iter().zip(entries).zip(cursors) {
                         let (claimed, items) =
-                            claim_for(c, request, entries, &mut entry_rows, cursors, &mut touched, &failed_now, now)
+                            claim_for(
+                                c,
+                                request,
+                                entries,
+                                &mut entry_rows,
+                                cursors,
+                                &mut touched,
+                                &failed_now,
+                                &mut reserved,
+                                now,
+                            )
                                 .await?;
                         claimed_out.push(claimed);
                         changed.extend(items);

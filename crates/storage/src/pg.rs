@@ -243,6 +243,23 @@ mod statements {
          RETURNING i.seq, i.id, i.batch_id, i.item_index, i.custom_id, i.step, i.message, i.attempts"
     );
 
+    statement!(ReserveLeaseIds { n: i32 } returns BigInt =
+        "SELECT nextval(pg_get_serial_sequence('leases', 'id')) FROM generate_series(1, ", n => Integer, ")"
+    );
+
+    statement!(InsertRangeLeases {
+        id: Vec<i64>, batch_id: Vec<String>, queue: Vec<String>, first_index: Vec<i32>, last_index: Vec<i32>,
+        owner: Vec<String>, secret: Vec<String>, running: Vec<i32>, started_at: Vec<OffsetDateTime>,
+        expires_at: Vec<OffsetDateTime>,
+    } returns () =
+        "INSERT INTO leases (id, batch_id, queue, first_index, last_index, owner, secret, running, started_at, \
+         expires_at) OVERRIDING SYSTEM VALUE SELECT * FROM unnest(", id => Array<BigInt>, "::bigint[], ",
+        batch_id => Array<Text>, "::text[], ", queue => Array<Text>, "::text[], ", first_index => Array<Integer>,
+        "::int[], ", last_index => Array<Integer>, "::int[], ", owner => Array<Text>, "::text[], ",
+        secret => Array<Text>, "::text[], ", running => Array<Integer>, "::int[], ",
+        started_at => Array<Timestamptz>, "::timestamptz[], ", expires_at => Array<Timestamptz>, "::timestamptz[])"
+    );
+
     statement!(Notify { channel: &'static str, payloads: Vec<String> } returns () =
         "SELECT pg_notify(", channel => Text, ", p) FROM unnest(", payloads => Array<Text>, "::text[]) AS p"
     );
@@ -415,6 +432,54 @@ async fn complete_ranged(
         out.push((end, e.lease));
     }
     Ok(out)
+}
+
+/// `n` new lease ids from the leases' sequence, for range leases whose rows are written
+/// later in the transaction (`insert_range_leases`). Ids a transaction does not use are gaps.
+async fn reserve_lease_ids(c: &mut &Conn, n: usize) -> Result<Vec<i64>, StoreError> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    Ok(ReserveLeaseIds { n: n as i32 }.load(c).await?)
+}
+
+/// Writes range leases made under reserved ids, in one statement.
+async fn insert_range_leases(c: &mut &Conn, rows: Vec<(i64, NewLeaseRow)>) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let n = rows.len();
+    let mut s = InsertRangeLeases {
+        id: Vec::with_capacity(n),
+        batch_id: Vec::with_capacity(n),
+        queue: Vec::with_capacity(n),
+        first_index: Vec::with_capacity(n),
+        last_index: Vec::with_capacity(n),
+        owner: Vec::with_capacity(n),
+        secret: Vec::with_capacity(n),
+        running: Vec::with_capacity(n),
+        started_at: Vec::with_capacity(n),
+        expires_at: Vec::with_capacity(n),
+    };
+    for (id, r) in rows {
+        s.id.push(id);
+        s.batch_id.push(r.batch_id);
+        s.queue.push(r.queue);
+        s.first_index.push(r.first_index);
+        s.last_index.push(r.last_index);
+        s.owner.push(r.owner);
+        s.secret.push(r.secret);
+        s.running.push(r.running);
+        s.started_at.push(r.started_at);
+        s.expires_at.push(r.expires_at);
+    }
+    let inserted = s.execute(c).await?;
+    if inserted != n {
+        return Err(StoreError::Corrupt(format!(
+            "{inserted} of {n} range leases were inserted"
+        )));
+    }
+    Ok(())
 }
 
 /// Completes items claimed one by one, while they still run under these tokens.
