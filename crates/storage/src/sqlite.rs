@@ -410,6 +410,7 @@ struct FreshEnd {
     item_index: i32,
     started_at: OffsetDateTime,
     result: Value,
+    lease: i64,
 }
 
 /// Completes items running under range leases, where the lease covers the item and its
@@ -424,7 +425,6 @@ async fn complete_ranged(
     lease_ids.sort_unstable();
     lease_ids.dedup();
     let leases = leases_by_id(c, lease_ids).await?;
-    let mut lease_of: HashMap<String, i64> = HashMap::with_capacity(ends.len());
     let mut fresh = Vec::with_capacity(ends.len());
     for e in ends {
         let Some(lease) = leases
@@ -433,28 +433,25 @@ async fn complete_ranged(
         else {
             continue;
         };
-        lease_of.insert(e.id.clone(), e.lease);
         fresh.push(FreshEnd {
             id: e.id,
             batch_id: lease.batch_id.clone(),
             item_index: e.item_index,
             started_at: lease.started_at,
             result: e.result,
+            lease: e.lease,
         });
     }
     Ok(complete_fresh(c, fresh, now)
         .await?
         .into_iter()
-        .filter_map(|end| {
-            let lease = lease_of.get(&end.id).copied()?;
-            Some((
-                RangeDone {
-                    id: end.id,
-                    batch_id: end.batch_id,
-                    item_index: end.item_index,
-                },
-                lease,
-            ))
+        .map(|end| {
+            let done = RangeDone {
+                id: end.id,
+                batch_id: end.batch_id,
+                item_index: end.item_index,
+            };
+            (done, end.lease)
         })
         .collect())
 }
