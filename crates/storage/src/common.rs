@@ -2254,35 +2254,32 @@ async fn claim_range(
     };
     let n = taken.len() as i64;
     let secret = batchd_domain::new_lease_token();
-    // The items' tokens name the lease.
-    let lease_id: i64 = match reserved.pop() {
-        Some(id) => {
-            t.ranges_add.push((
-                id,
-                NewLeaseRow {
-                    batch_id: t.row.id.clone(),
-                    queue: t.row.queue.clone(),
-                    first_index: first.item_index,
-                    last_index: last.item_index,
-                    item_seq: None,
-                    owner: request.owner.clone(),
-                    secret: secret.clone(),
-                    running: n as i32,
-                    started_at: now,
-                    expires_at: lease_expires_at,
-                },
-            ));
-            id
-        }
+    let lease = NewLeaseRow {
+        batch_id: t.row.id.clone(),
+        queue: t.row.queue.clone(),
+        first_index: first.item_index,
+        last_index: last.item_index,
+        item_seq: None,
+        owner: request.owner.clone(),
+        secret,
+        running: n as i32,
+        started_at: now,
+        expires_at: lease_expires_at,
+    };
+    // The items' tokens name the lease. Under a reserved id its row is written with the
+    // transaction's other writes; otherwise it is inserted now, for its id.
+    let reserved_id = reserved.pop();
+    let lease_id: i64 = match reserved_id {
+        Some(id) => id,
         None => {
             InsertRangeLease {
-                batch_id: &t.row.id,
-                queue: &t.row.queue,
-                first_index: first.item_index,
-                last_index: last.item_index,
-                owner: &request.owner,
-                secret: &secret,
-                running: n as i32,
+                batch_id: &lease.batch_id,
+                queue: &lease.queue,
+                first_index: lease.first_index,
+                last_index: lease.last_index,
+                owner: &lease.owner,
+                secret: &lease.secret,
+                running: lease.running,
                 started_at: now,
                 expires_at: lease_expires_at,
                 _row: std::marker::PhantomData,
@@ -2295,7 +2292,10 @@ async fn claim_range(
     t.move_items(ItemStatus::Pending, ItemStatus::Running, n);
     t.start(now)?;
     let (batch_config, session_id) = (object(t.row.config.clone()), t.row.session_id.clone());
-    let tokens = RangeTokens::new(lease_id, &secret);
+    let tokens = RangeTokens::new(lease_id, &lease.secret);
+    if reserved_id.is_some() {
+        t.ranges_add.push((lease_id, lease));
+    }
     let mut out = Vec::with_capacity(taken.len());
     for row in taken {
         let snapshot = ItemSnapshot {

@@ -449,31 +449,21 @@ async fn insert_range_leases(c: &mut &Conn, rows: Vec<(i64, NewLeaseRow)>) -> Re
         return Ok(());
     }
     let n = rows.len();
-    let mut s = InsertRangeLeases {
-        id: Vec::with_capacity(n),
-        batch_id: Vec::with_capacity(n),
-        queue: Vec::with_capacity(n),
-        first_index: Vec::with_capacity(n),
-        last_index: Vec::with_capacity(n),
-        owner: Vec::with_capacity(n),
-        secret: Vec::with_capacity(n),
-        running: Vec::with_capacity(n),
-        started_at: Vec::with_capacity(n),
-        expires_at: Vec::with_capacity(n),
-    };
-    for (id, r) in rows {
-        s.id.push(id);
-        s.batch_id.push(r.batch_id);
-        s.queue.push(r.queue);
-        s.first_index.push(r.first_index);
-        s.last_index.push(r.last_index);
-        s.owner.push(r.owner);
-        s.secret.push(r.secret);
-        s.running.push(r.running);
-        s.started_at.push(r.started_at);
-        s.expires_at.push(r.expires_at);
+    let (id, rows): (Vec<i64>, Vec<NewLeaseRow>) = rows.into_iter().unzip();
+    let inserted = InsertRangeLeases {
+        id,
+        batch_id: column!(rows, batch_id),
+        queue: column!(rows, queue),
+        first_index: column!(rows, first_index),
+        last_index: column!(rows, last_index),
+        owner: column!(rows, owner),
+        secret: column!(rows, secret),
+        running: column!(rows, running),
+        started_at: column!(rows, started_at),
+        expires_at: column!(rows, expires_at),
     }
-    let inserted = s.execute(c).await?;
+    .execute(c)
+    .await?;
     if inserted != n {
         return Err(StoreError::Corrupt(format!(
             "{inserted} of {n} range leases were inserted"
