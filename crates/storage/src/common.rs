@@ -13,11 +13,14 @@
 // - `insert_rows!(c, table, rows)`: a multi-row insert of owned rows;
 // - `save_items`, `insert_items`, `insert_event_runs`, `complete_ranged`, `complete_own`,
 //   `reserve_lease_ids`, `insert_range_leases`,
-//   `delete_entries`, `lock_end_rows_by_id`, `lock_batch_rows`, `leases_of`, `items_from`
+//   `delete_entries`, `lock_end_rows_by_id`, `lock_batch_rows`, `lock_batch_rows_and_cursor`,
+//   `leases_of`, `items_from`
 //   and `next_batch_seq`: the statements of the hot path, in each backend's best form;
 // - `Piped<'_>`: what `joined!` hands each of its expressions as a connection (`&mut
 //   Piped<'_>`): a shared connection on PostgreSQL, the connection itself on SQLite;
-// - `Self::notify_in_tx(c, &notices)` and `Self::after_commit(notices)`;
+// - `Self::notify_in_tx(c, &notices)`, `notify_piped(c, &notices)` (the same from inside
+//   `pipelined!`) and `Self::after_commit(notices)`;
+// - `piped_each!(c, pattern in iter => block)`: a block per item, pipelined as `pipelined!`;
 // - `self.turn()`, the commit order of group transactions (`crate::order`), and
 //   `self.insert_turn()`, held while a batch's items are inserted.
 //
@@ -215,6 +218,15 @@ struct FreshRow {
     max_attempts: i32,
     started_at: Option<OffsetDateTime>,
     updated_at: OffsetDateTime,
+}
+
+/// Items read at a batch's cursor before a claim gets to it (`lock_batches_at`), with the
+/// cursor they were read from: a claim uses them only if that is still its batch's cursor.
+#[derive(Debug)]
+struct AtCursor {
+    batch_id: String,
+    next_index: i32,
+    rows: Vec<FreshRow>,
 }
 
 /// What ending an attempt the general way reads of an item first (locked): enough to check
@@ -1338,6 +1350,25 @@ async fn lock_batches(
     ids.sort();
     ids.dedup();
     let rows = lock_batch_rows(c, ids.clone()).await?;
+    touched_of(&ids, rows)
+}
+
+/// `lock_batches`, and the items at the cursor of the batch `cursor` names (up to its
+/// limit), read right after the lock in the same round trip where that saves one
+/// (`lock_batch_rows_and_cursor`).
+async fn lock_batches_at(
+    c: &mut Conn,
+    ids: impl IntoIterator<Item = String>,
+    cursor: Option<(String, usize)>,
+) -> Result<(BTreeMap<String, Touched>, Option<AtCursor>), StoreError> {
+    let mut ids: Vec<String> = ids.into_iter().collect();
+    ids.sort();
+    ids.dedup();
+    let (rows, at_cursor) = lock_batch_rows_and_cursor(c, ids.clone(), cursor).await?;
+    Ok((touched_of(&ids, rows)?, at_cursor))
+}
+
+fn touched_of(ids: &[String], rows: Vec<BatchRow>) -> Result<BTreeMap<String, Touched>, StoreError> {
     let out: BTreeMap<String, Touched> = rows.into_iter().map(|row| (row.id.clone(), Touched::new(row))).collect();
     if let Some(missing) = ids.iter().find(|id| !out.contains_key(*id)) {
         return Err(StoreError::Corrupt(format!("item of missing batch {missing}")));
@@ -1387,11 +1418,8 @@ fn bucket_of(t: &Touched) -> (String, i32, i64, i32) {
 /// changed and stays: one statement per bucket and shard a transaction touches. A shard's
 /// count may be negative (claims take from shard 0 what submits added to the others); the
 /// sum over a bucket's shards is its pending items.
-async fn count_pending<C>(c: &mut C, deltas: BTreeMap<(String, i32, i64, i32), i64>) -> Result<(), StoreError>
-where
-    C: diesel_async::AsyncConnectionCore<Backend = Db> + Send,
-{
-    for ((queue, priority, bucket, shard), delta) in deltas.into_iter().filter(|(_, d)| *d != 0) {
+async fn count_pending(c: &mut Piped<'_>, deltas: BTreeMap<(String, i32, i64, i32), i64>) -> Result<(), StoreError> {
+    piped_each!(c, ((queue, priority, bucket, shard), delta) in deltas.into_iter().filter(|(_, d)| *d != 0) => {
         let added = AddToBucket { queue: &queue, priority, bucket, shard, delta, _row: std::marker::PhantomData }
             .execute(c)
             .await?;
@@ -1400,31 +1428,43 @@ where
                 .execute(c)
                 .await?;
         }
-    }
+    });
     Ok(())
 }
 
 /// Writes what the touched batches changed beside their rows: queue entries (removed ones
-/// first), the next items of sequential batches, then together (`pipelined!`) the leases
-/// (ended ones first), each batch's row, the position counts, and every new event and
-/// webhook delivery in bulk. Returns the notices the changes call for.
+/// first), the next items of sequential batches, then together (`pipelined!`, and
+/// `piped_each!` where there is a statement per row) the leases (ended ones first), each
+/// batch's row, the position counts, and every new event and webhook delivery in bulk.
+/// Returns the notices the changes call for.
 async fn save_batches(
     c: &mut Conn,
     touched: &mut BTreeMap<String, Touched>,
     now: OffsetDateTime,
 ) -> Result<Vec<Notice>, StoreError> {
-    save_touched(c, touched.values_mut().collect(), now).await
+    save_touched(c, touched.values_mut().collect(), now, false).await
+}
+
+/// `save_batches` that also sends the notices (`notify_piped`), with the writes: for a
+/// transaction run by `write_sent`, which then does not send them again.
+async fn save_batches_and_notify(
+    c: &mut Conn,
+    touched: &mut BTreeMap<String, Touched>,
+    now: OffsetDateTime,
+) -> Result<Vec<Notice>, StoreError> {
+    save_touched(c, touched.values_mut().collect(), now, true).await
 }
 
 /// `save_batches` of one batch.
 async fn save_batch(c: &mut Conn, t: &mut Touched, now: OffsetDateTime) -> Result<Vec<Notice>, StoreError> {
-    save_touched(c, vec![t], now).await
+    save_touched(c, vec![t], now, false).await
 }
 
 async fn save_touched(
     c: &mut Conn,
     mut touched: Vec<&mut Touched>,
     now: OffsetDateTime,
+    send_notices: bool,
 ) -> Result<Vec<Notice>, StoreError> {
     let mut notices = Vec::new();
     let (mut entries_remove, mut entries_add, mut leases_end, mut leases_add, mut ranges_add) =
@@ -1478,34 +1518,35 @@ async fn save_touched(
         t.before = t.row.clone();
     }
     let runs = event_runs_of(events)?;
+    notices.sort_by_key(Notice::encode);
+    notices.dedup();
+    let to_send: &[Notice] = if send_notices { &notices } else { &[] };
     // Each of these writes rows no other of them reads or writes, and every batch row is
     // already locked: on PostgreSQL they go out together instead of one round trip each.
     pipelined!(c =>
         {
+            // Ended item leases go before new ones: an item may end and start again here.
             for chunk in leases_end.chunks(INSERT_CHUNK) {
                 diesel::delete(leases::table.filter(leases::item_seq.eq_any(chunk))).execute(c).await?;
-            }
-            // A range lease whose items have all ended stays until it expires: the rescuer
-            // drops it then, in bulk, instead of every transaction deleting its own.
-            for (id, ended) in ranges_end {
-                EndInRange { id, ended, _row: std::marker::PhantomData }.execute(c).await?;
             }
             if !leases_add.is_empty() {
                 insert_chunked!(c, leases::table, leases_add);
             }
-            insert_range_leases(c, ranges_add).await?;
         }
         {
-            for row in &updates {
-                row.update().execute(c).await?;
-            }
+            // A range lease whose items have all ended stays until it expires: the rescuer
+            // drops it then, in bulk, instead of every transaction deleting its own.
+            piped_each!(c, (id, ended) in ranges_end => {
+                EndInRange { id, ended, _row: std::marker::PhantomData }.execute(c).await?;
+            });
         }
+        { insert_range_leases(c, ranges_add).await?; }
+        { piped_each!(c, row in &updates => { row.update().execute(c).await?; }); }
         { count_pending(c, counted).await?; }
         { insert_event_runs(c, runs).await?; }
         { insert_chunked!(c, webhook_deliveries::table, deliveries); }
+        { notify_piped(c, to_send).await?; }
     );
-    notices.sort_by_key(Notice::encode);
-    notices.dedup();
     Ok(notices)
 }
 
@@ -2094,6 +2135,7 @@ async fn claim_for(
     touched: &mut BTreeMap<String, Touched>,
     failed_now: &HashSet<String>,
     reserved: &mut Vec<i64>,
+    at_cursor: &mut Option<AtCursor>,
     now: OffsetDateTime,
 ) -> Result<(Vec<ClaimedItem>, Vec<ItemRow>), StoreError> {
     // A batch's entries come before the items at its cursor: their indexes are lower.
@@ -2207,7 +2249,8 @@ async fn claim_for(
                     continue;
                 }
                 let want = (request.max_items - claimed.len()).min(t.row.unclaimed as usize);
-                claimed.extend(claim_range(c, t, request, want, reserved, now).await?);
+                let read = at_cursor.take_if(|a| a.batch_id == batch_id);
+                claimed.extend(claim_range(c, t, request, want, reserved, read, now).await?);
             }
         }
     }
@@ -2218,20 +2261,27 @@ async fn claim_for(
 /// cursor past them (and past items that ended before it got there), writes their
 /// `item.started` events and the lease; their rows are not written. The lease takes an id
 /// from `reserved` while there is one, and its row is then written with the transaction's
-/// other writes; otherwise it is inserted at once, for its id.
+/// other writes; otherwise it is inserted at once, for its id. Items already read at the
+/// cursor (`read`) are taken first, if they were read from where the cursor is.
 async fn claim_range(
     c: &mut Conn,
     t: &mut Touched,
     request: &ClaimRequest,
     want: usize,
     reserved: &mut Vec<i64>,
+    read: Option<AtCursor>,
     now: OffsetDateTime,
 ) -> Result<Vec<ClaimedItem>, StoreError> {
     let lease_expires_at = now + request.lease;
     let mut taken: Vec<FreshRow> = Vec::with_capacity(want);
     let mut next = t.row.next_index;
+    // Rows read from another cursor than this one would be the wrong items: they are dropped.
+    let mut read = read.filter(|a| a.next_index == next).map(|a| a.rows);
     while taken.len() < want {
-        let rows = items_from(c, t.row.id.clone(), next, want - taken.len()).await?;
+        let rows = match read.take() {
+            Some(rows) => rows,
+            None => items_from(c, t.row.id.clone(), next, want - taken.len()).await?,
+        };
         if rows.is_empty() {
             tracing::error!(batch = %t.row.id, unclaimed = t.row.unclaimed, found = taken.len(), "fewer items at the claim cursor than counted");
             t.row.unclaimed = taken.len() as i64;
@@ -2634,11 +2684,34 @@ impl ThisStore {
             + Send
             + 'static,
     ) -> Result<R, StoreError> {
+        self.write_then(f, true).await
+    }
+
+    /// `write` for a transaction that has sent its notices itself
+    /// (`save_batches_and_notify`): they are not sent again, only published.
+    async fn write_sent<R: Send + 'static>(
+        &self,
+        f: impl for<'c> FnOnce(&'c mut Conn) -> futures_util::future::BoxFuture<'c, Result<(R, Vec<Notice>), StoreError>>
+            + Send
+            + 'static,
+    ) -> Result<R, StoreError> {
+        self.write_then(f, false).await
+    }
+
+    async fn write_then<R: Send + 'static>(
+        &self,
+        f: impl for<'c> FnOnce(&'c mut Conn) -> futures_util::future::BoxFuture<'c, Result<(R, Vec<Notice>), StoreError>>
+            + Send
+            + 'static,
+        send_notices: bool,
+    ) -> Result<R, StoreError> {
         let (result, notices) = self
             .transaction(move |c| {
                 Box::pin(async move {
                     let (result, notices) = f(c).await?;
-                    Self::notify_in_tx(c, &notices).await?;
+                    if send_notices {
+                        Self::notify_in_tx(c, &notices).await?;
+                    }
                     Ok((result, notices))
                 })
             })
@@ -3273,7 +3346,7 @@ impl crate::Store for ThisStore {
         let now = self.now();
         let max_error_chars = self.max_error_chars;
         let (results, claimed, turn) = self
-            .write(move |c| {
+            .write_sent(move |c| {
                 Box::pin(async move {
                     // First phase (see `crate::order`): the completions write (and so lock)
                     // their own rows, and per claim whether its queue is paused and both kinds
@@ -3352,13 +3425,22 @@ impl crate::Store for ThisStore {
                         .await?;
                         entry_rows.extend(found.into_iter().map(|r| (r.seq, r)));
                     }
-                    let mut touched = lock_batches(
+                    // The first claim's first batch at its cursor (when no queue entry comes
+                    // before it) is read with the lock: one round trip fewer.
+                    let first_cursor = match (<[_]>::first(&claims), <[_]>::first(&entries), <[_]>::first(&cursors)) {
+                        (Some(request), Some(entries), Some(cursors)) if entries.is_empty() => {
+                            <[_]>::first(cursors).map(|(id, _, _)| (id.clone(), request.max_items))
+                        }
+                        _ => None,
+                    };
+                    let (mut touched, mut at_cursor) = lock_batches_at(
                         c,
                         fast.values()
                             .map(|done| done.batch_id().to_owned())
                             .chain(rows.values().map(|r| r.batch_id.clone()))
                             .chain(entries.iter().flatten().map(|e| e.batch_id.clone()))
                             .chain(cursors.iter().flatten().map(|(id, _, _)| id.clone())),
+                        first_cursor,
                     )
                     .await?;
                     // The range leases that the other finishes name.
@@ -3397,6 +3479,7 @@ impl crate::Store for ThisStore {
                                 &mut touched,
                                 &failed_now,
                                 &mut reserved,
+                                &mut at_cursor,
                                 now,
                             )
                                 .await?;
@@ -3405,7 +3488,9 @@ impl crate::Store for ThisStore {
                     }
                     // Entries found but not claimed stay; their rows were only locked.
                     save_items(c, changed).await?;
-                    let notices = save_batches(c, &mut touched, now).await?;
+                    // The notices go out with the writes, not in a round trip of their own
+                    // before the commit.
+                    let notices = save_batches_and_notify(c, &mut touched, now).await?;
                     turn.commit().await?;
                     // The turn ends once this transaction has (it goes back with the answer).
                     Ok(((results, claimed_out, turn), notices))

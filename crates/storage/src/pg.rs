@@ -87,6 +87,22 @@ macro_rules! pipelined {
     }};
 }
 
+/// Runs `$block` once for each item of `$iter`, each as its own future on the same
+/// connection, polled together (as `pipelined!`): one round trip for all of them rather than
+/// one each. The same caveats hold: the blocks must not touch the same rows.
+macro_rules! piped_each {
+    ($c:ident, $pat:pat in $iter:expr => $block:block) => {{
+        let shared: &Conn = &*$c;
+        futures_util::future::try_join_all($iter.into_iter().map(|$pat| async move {
+            let mut own = shared;
+            let $c = &mut own;
+            $block
+            Ok::<(), StoreError>(())
+        }))
+        .await?;
+    }};
+}
+
 /// Evaluates each expression as its own future on the same connection, polled together (as
 /// `pipelined!`), into a tuple of their values.
 macro_rules! joined {
@@ -535,8 +551,30 @@ async fn leases_of(c: &mut Conn, ids: Vec<i64>) -> Result<Vec<LeaseRow>, StoreEr
         .await?)
 }
 
+/// Sends these notices when the transaction commits, in one statement (which can go out
+/// with others, `pipelined!`).
+async fn notify_piped(c: &mut Piped<'_>, notices: &[Notice]) -> Result<(), StoreError> {
+    if notices.is_empty() {
+        return Ok(());
+    }
+    Notify {
+        channel: CHANNEL,
+        payloads: notices.iter().map(Notice::encode).collect(),
+    }
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
 /// These batch rows, locked in id order, in one statement.
 async fn lock_batch_rows(c: &mut Conn, ids: Vec<String>) -> Result<Vec<BatchRow>, StoreError> {
+    lock_batch_rows_on(c, ids).await
+}
+
+async fn lock_batch_rows_on<C>(c: &mut C, ids: Vec<String>) -> Result<Vec<BatchRow>, StoreError>
+where
+    C: diesel_async::AsyncConnectionCore<Backend = Db> + Send,
+{
     Ok(locked!(
         batches::table
             .filter(batches::id.eq_any(ids))
@@ -545,6 +583,49 @@ async fn lock_batch_rows(c: &mut Conn, ids: Vec<String>) -> Result<Vec<BatchRow>
     )
     .load(c)
     .await?)
+}
+
+/// `lock_batch_rows`, and in the same round trip up to `limit` items at the cursor of the
+/// batch `cursor` names, read once its row is locked (see [`AtCursor`]).
+async fn lock_batch_rows_and_cursor(
+    c: &mut Conn,
+    ids: Vec<String>,
+    cursor: Option<(String, usize)>,
+) -> Result<(Vec<BatchRow>, Option<AtCursor>), StoreError> {
+    Ok(joined!(c =>
+        lock_batch_rows_on(c, ids).await?,
+        match cursor {
+            Some((batch_id, limit)) => items_at_cursor(c, batch_id, limit).await?,
+            None => None,
+        },
+    ))
+}
+
+/// Up to `limit` items of a batch from its cursor on, in index order, and the cursor they
+/// were read from (`None` if there were none).
+async fn items_at_cursor(c: &mut Piped<'_>, batch_id: String, limit: usize) -> Result<Option<AtCursor>, StoreError> {
+    let cursor = || {
+        batches::table
+            .find(batch_id.clone())
+            .select(batches::next_index)
+            .single_value()
+    };
+    let rows: Vec<(Option<i32>, FreshRow)> = items::table
+        .filter(items::batch_id.eq(&batch_id))
+        .filter(items::item_index.nullable().ge(cursor()))
+        .order(items::item_index.asc())
+        .limit(limit as i64)
+        .select((cursor(), FreshRow::as_select()))
+        .load(c)
+        .await?;
+    let Some(next_index) = <[_]>::first(&rows).and_then(|(at, _)| *at) else {
+        return Ok(None);
+    };
+    Ok(Some(AtCursor {
+        batch_id,
+        next_index,
+        rows: rows.into_iter().map(|(_, row)| row).collect(),
+    }))
 }
 
 /// The `seq` of a new batch: its place in claim order.
@@ -651,16 +732,7 @@ impl PgStore {
 
     /// Sends the transaction's notices with it, all in one statement.
     async fn notify_in_tx(c: &mut Conn, notices: &[Notice]) -> Result<(), StoreError> {
-        if notices.is_empty() {
-            return Ok(());
-        }
-        Notify {
-            channel: CHANNEL,
-            payloads: notices.iter().map(Notice::encode).collect(),
-        }
-        .execute(c)
-        .await?;
-        Ok(())
+        notify_piped(&mut &*c, notices).await
     }
 
     /// The LISTEN connection delivers the committed notices to this process too.

@@ -98,6 +98,14 @@ macro_rules! pipelined {
     }};
 }
 
+/// Runs `$block` for each item of `$iter`, one after another (PostgreSQL's `piped_each!`
+/// pipelines them).
+macro_rules! piped_each {
+    ($c:ident, $pat:pat in $iter:expr => $block:block) => {{
+        for $pat in $iter $block
+    }};
+}
+
 /// Evaluates the expressions one after another into a tuple (PostgreSQL's `joined!`
 /// pipelines them).
 macro_rules! joined {
@@ -825,6 +833,21 @@ async fn items_from(c: &mut Conn, batch_id: String, from: i32, limit: usize) -> 
         diesel::RunQueryDsl::load(query, conn)
     })
     .await?)
+}
+
+/// `lock_batch_rows`; the items at a cursor are read when the claim gets to them (`items_from`):
+/// there is no round trip to save.
+async fn lock_batch_rows_and_cursor(
+    c: &mut Conn,
+    ids: Vec<String>,
+    _cursor: Option<(String, usize)>,
+) -> Result<(Vec<BatchRow>, Option<AtCursor>), StoreError> {
+    Ok((lock_batch_rows(c, ids).await?, None))
+}
+
+/// Nothing to send: SQLite's notices are published after the commit (`after_commit`).
+async fn notify_piped(_c: &mut Piped<'_>, _notices: &[Notice]) -> Result<(), StoreError> {
+    Ok(())
 }
 
 /// These lease rows, the same way.
