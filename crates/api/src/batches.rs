@@ -94,8 +94,16 @@ async fn submit(
         .get(&submitted.queue)
         .map(|q| q.defaults.clone())
         .unwrap_or_default();
-    let request_hash = request_hash(&body);
     let client_chose_id = submitted.id.is_some();
+    // The hash is only ever compared with a retry's, found by its idempotency key or by the
+    // id its client chose. No later request can name a batch that has neither (a request
+    // naming its generated id has a body of its own, with that id in it), so it keeps none:
+    // hashing a large body costs more than validating it.
+    let request_hash = if idempotency_key.is_some() || client_chose_id {
+        request_hash(&body)
+    } else {
+        String::new()
+    };
     // Most items have no config of their own: theirs is the batch's, read once.
     let batch_max_attempts = max_attempts([&queue_defaults, &submitted.config]);
     let items = submitted

@@ -383,10 +383,20 @@ async fn idempotent_submits(db: Db) {
         409,
         "idempotency_conflict",
     );
+    // A batch whose id the server chose: a request naming that id, even with the same
+    // items, is another request.
+    let generated = send(&app, post("/v1/batches", body.clone())).await;
+    assert_eq!(generated.status, 202);
+    let id = generated.body["id"].as_str().expect("an id").to_owned();
+    assert_error(
+        &send(&app, post("/v1/batches", json!({"id": id, "items": [{"input": 1}]}))).await,
+        409,
+        "idempotency_conflict",
+    );
     let listed = send(&app, get("/v1/batches")).await;
     assert_eq!(
         listed.body["batches"].as_array().map(Vec::len),
-        Some(2),
+        Some(3),
         "replays create nothing"
     );
 }
