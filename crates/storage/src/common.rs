@@ -1445,21 +1445,14 @@ async fn save_batches(
     save_touched(c, touched.values_mut().collect(), now, false).await
 }
 
-/// `save_batches` that also sends the notices (`notify_piped`), with the writes: for a
-/// transaction run by `write_sent`, which then does not send them again.
-async fn save_batches_and_notify(
-    c: &mut Conn,
-    touched: &mut BTreeMap<String, Touched>,
-    now: OffsetDateTime,
-) -> Result<Vec<Notice>, StoreError> {
-    save_touched(c, touched.values_mut().collect(), now, true).await
-}
-
 /// `save_batches` of one batch.
 async fn save_batch(c: &mut Conn, t: &mut Touched, now: OffsetDateTime) -> Result<Vec<Notice>, StoreError> {
     save_touched(c, vec![t], now, false).await
 }
 
+/// `save_batches` of these batches; with `send_notices`, the notices also go out with the
+/// writes (`notify_piped`), for a transaction run by `write_then(…, false)`, which then does
+/// not send them again.
 async fn save_touched(
     c: &mut Conn,
     mut touched: Vec<&mut Touched>,
@@ -2687,17 +2680,8 @@ impl ThisStore {
         self.write_then(f, true).await
     }
 
-    /// `write` for a transaction that has sent its notices itself
-    /// (`save_batches_and_notify`): they are not sent again, only published.
-    async fn write_sent<R: Send + 'static>(
-        &self,
-        f: impl for<'c> FnOnce(&'c mut Conn) -> futures_util::future::BoxFuture<'c, Result<(R, Vec<Notice>), StoreError>>
-            + Send
-            + 'static,
-    ) -> Result<R, StoreError> {
-        self.write_then(f, false).await
-    }
-
+    /// `write`; with `send_notices` false, for a transaction that has sent its notices
+    /// itself (`save_touched` with `send_notices`): they are not sent again, only published.
     async fn write_then<R: Send + 'static>(
         &self,
         f: impl for<'c> FnOnce(&'c mut Conn) -> futures_util::future::BoxFuture<'c, Result<(R, Vec<Notice>), StoreError>>
@@ -3346,7 +3330,8 @@ impl crate::Store for ThisStore {
         let now = self.now();
         let max_error_chars = self.max_error_chars;
         let (results, claimed, turn) = self
-            .write_sent(move |c| {
+            .write_then(
+                move |c| {
                 Box::pin(async move {
                     // First phase (see `crate::order`): the completions write (and so lock)
                     // their own rows, and per claim whether its queue is paused and both kinds
@@ -3490,12 +3475,14 @@ impl crate::Store for ThisStore {
                     save_items(c, changed).await?;
                     // The notices go out with the writes, not in a round trip of their own
                     // before the commit.
-                    let notices = save_batches_and_notify(c, &mut touched, now).await?;
+                    let notices = save_touched(c, touched.values_mut().collect(), now, true).await?;
                     turn.commit().await?;
                     // The turn ends once this transaction has (it goes back with the answer).
                     Ok(((results, claimed_out, turn), notices))
                 })
-            })
+                },
+                false,
+            )
             .await?;
         drop(turn);
         Ok((results, claimed))
