@@ -218,6 +218,22 @@ mod statements {
         "::timestamptz"
     );
 
+    // `InsertItems` of items with no custom id, config or block of their own, one
+    // `max_attempts` and consecutive indexes (most batches' items): only the ids and inputs go
+    // as arrays, the rest is bound once or left to the columns' defaults.
+    statement!(InsertPlainItems {
+        id: Vec<String>, batch_id: String, tenant: String, queue: String, priority: i32,
+        first_index: i32, last_index: i32, input: Vec<Value>, max_attempts: i32, now: OffsetDateTime,
+    } returns () =
+        "INSERT INTO items (id, batch_id, tenant, queue, priority, item_index, input, status, attempts, \
+         max_attempts, created_at, updated_at) SELECT unnest(",
+        id => Array<Text>, "::text[]), ", batch_id => Text, "::text, ", tenant => Text, "::text, ",
+        queue => Text, "::text, ", priority => Integer, "::int, generate_series(", first_index => Integer, "::int, ",
+        last_index => Integer, "::int), unnest(", input => Array<Jsonb>, "::jsonb[]), 'pending', 0, ",
+        max_attempts => Integer, "::int, ", now => Timestamptz, "::timestamptz, ", now => Timestamptz,
+        "::timestamptz"
+    );
+
     statement!(InsertEventRuns {
         batch_id: Vec<String>, first_seq: Vec<i64>, last_seq: Vec<i64>, events: Vec<String>,
     } returns () =
@@ -333,6 +349,33 @@ async fn insert_items(c: &mut Conn, rows: Vec<NewItemRow>) -> Result<(), StoreEr
         return Ok(());
     };
     let n = rows.len();
+    let plain = rows.iter().zip(first.item_index..).all(|(r, index)| {
+        r.item_index == index
+            && r.custom_id.is_none()
+            && !r.blocked
+            && r.max_attempts == first.max_attempts
+            && r.config.as_object().is_some_and(serde_json::Map::is_empty)
+    });
+    if plain {
+        let mut s = InsertPlainItems {
+            id: Vec::with_capacity(n),
+            batch_id: first.batch_id.clone(),
+            tenant: first.tenant.clone(),
+            queue: first.queue.clone(),
+            priority: first.priority,
+            first_index: first.item_index,
+            last_index: first.item_index + (n as i32 - 1),
+            input: Vec::with_capacity(n),
+            max_attempts: first.max_attempts,
+            now: first.created_at,
+        };
+        for r in rows {
+            check_new_item(&r, &s.batch_id, &s.tenant, &s.queue, s.priority, s.now)?;
+            s.id.push(r.id);
+            s.input.push(r.input);
+        }
+        return inserted_all(s.execute(c).await?, n);
+    }
     let mut s = InsertItems {
         id: Vec::with_capacity(n),
         batch_id: first.batch_id.clone(),
@@ -347,22 +390,8 @@ async fn insert_items(c: &mut Conn, rows: Vec<NewItemRow>) -> Result<(), StoreEr
         max_attempts: Vec::with_capacity(n),
         now: first.created_at,
     };
-    let pending = ItemStatus::Pending.as_str();
     for r in rows {
-        let shared = r.batch_id == s.batch_id
-            && r.tenant == s.tenant
-            && r.queue == s.queue
-            && r.priority == s.priority
-            && r.status == pending
-            && r.attempts == 0
-            && r.created_at == s.now
-            && r.updated_at == s.now;
-        if !shared {
-            return Err(StoreError::Corrupt(format!(
-                "item {} of batch {} is not a new item of batch {}",
-                r.item_index, r.batch_id, s.batch_id
-            )));
-        }
+        check_new_item(&r, &s.batch_id, &s.tenant, &s.queue, s.priority, s.now)?;
         s.id.push(r.id);
         s.item_index.push(r.item_index);
         s.custom_id.push(r.custom_id);
@@ -371,13 +400,45 @@ async fn insert_items(c: &mut Conn, rows: Vec<NewItemRow>) -> Result<(), StoreEr
         s.blocked.push(r.blocked);
         s.max_attempts.push(r.max_attempts);
     }
-    let inserted = s.execute(c).await?;
-    if inserted != n {
-        return Err(StoreError::Corrupt(format!(
-            "{inserted} of {n} item rows were inserted"
-        )));
+    inserted_all(s.execute(c).await?, n)
+}
+
+/// Refuses a row that is not a new item of the batch whose shared values the insert binds
+/// once.
+fn check_new_item(
+    r: &NewItemRow,
+    batch_id: &str,
+    tenant: &str,
+    queue: &str,
+    priority: i32,
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
+    let shared = r.batch_id == batch_id
+        && r.tenant == tenant
+        && r.queue == queue
+        && r.priority == priority
+        && r.status == ItemStatus::Pending.as_str()
+        && r.attempts == 0
+        && r.created_at == now
+        && r.updated_at == now;
+    if shared {
+        Ok(())
+    } else {
+        Err(StoreError::Corrupt(format!(
+            "item {} of batch {} is not a new item of batch {batch_id}",
+            r.item_index, r.batch_id
+        )))
     }
-    Ok(())
+}
+
+fn inserted_all(inserted: usize, n: usize) -> Result<(), StoreError> {
+    if inserted == n {
+        Ok(())
+    } else {
+        Err(StoreError::Corrupt(format!(
+            "{inserted} of {n} item rows were inserted"
+        )))
+    }
 }
 
 /// Inserts event runs in one statement, each column as an array.

@@ -9,6 +9,7 @@ use crate::support::{Fixture, batch, conformance, sequential};
 
 conformance!(
     create_writes_batch_items_and_first_event,
+    items_with_nothing_of_their_own_are_written_whole,
     idempotent_replays_return_the_same_batch,
     client_ids_are_unique_across_tenants,
     tenants_never_see_each_other,
@@ -45,6 +46,48 @@ async fn create_writes_batch_items_and_first_event(f: Fixture) {
         .await
         .expect("get item");
     assert_eq!(item.position, Some(1));
+}
+
+/// Items with no custom id, config or attempts of their own (PostgreSQL inserts them with
+/// only ids and inputs as arrays), and a batch where one item has a config and attempts of
+/// its own (the general insert).
+async fn items_with_nothing_of_their_own_are_written_whole(f: Fixture) {
+    let mut plain = batch("default", 5);
+    for item in &mut plain.items {
+        item.custom_id = None;
+    }
+    let (b, ids) = f.submit(plain).await;
+    let items = f.items(&b.id).await;
+    assert_eq!(items.iter().map(|i| i.id.clone()).collect::<Vec<_>>(), ids);
+    assert_eq!(items.iter().map(|i| i.index).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+    for (n, item) in items.iter().enumerate() {
+        assert_eq!(item.input["n"], n, "item {n}'s input");
+        assert_eq!(
+            (
+                item.custom_id.as_deref(),
+                item.config.len(),
+                item.max_attempts,
+                item.attempts
+            ),
+            (None, 0, 3, 0)
+        );
+        assert_eq!(item.status, ItemStatus::Pending);
+    }
+    let mut mixed = batch("default", 3);
+    for item in &mut mixed.items {
+        item.custom_id = None;
+    }
+    mixed.items[1].config.insert("timeout_ms".into(), json!(5000));
+    mixed.items[1].max_attempts = 5;
+    let (m, _) = f.submit(mixed).await;
+    let items = f.items(&m.id).await;
+    assert_eq!(
+        items
+            .iter()
+            .map(|i| (i.index, i.config.len(), i.max_attempts))
+            .collect::<Vec<_>>(),
+        vec![(0, 0, 3), (1, 1, 5), (2, 0, 3)]
+    );
 }
 
 async fn idempotent_replays_return_the_same_batch(f: Fixture) {
