@@ -13,7 +13,7 @@
 // - `insert_rows!(c, table, rows)`: a multi-row insert of owned rows;
 // - `save_items`, `insert_items`, `insert_event_runs`, `complete_ranged`, `complete_own`,
 //   `reserve_lease_ids`, `insert_range_leases`,
-//   `delete_entries`, `lock_end_rows_by_id`, `lock_batch_rows`, `lock_batch_rows_and_cursor`,
+//   `delete_entries`, `lock_end_rows_by_id`, `lock_batch_rows_and_cursor`,
 //   `leases_of`, `items_from`
 //   and `next_batch_seq`: the statements of the hot path, in each backend's best form;
 // - `Piped<'_>`: what `joined!` hands each of its expressions as a connection (`&mut
@@ -1346,11 +1346,7 @@ async fn lock_batches(
     c: &mut Conn,
     ids: impl IntoIterator<Item = String>,
 ) -> Result<BTreeMap<String, Touched>, StoreError> {
-    let mut ids: Vec<String> = ids.into_iter().collect();
-    ids.sort();
-    ids.dedup();
-    let rows = lock_batch_rows(c, ids.clone()).await?;
-    touched_of(&ids, rows)
+    Ok(lock_batches_at(c, ids, None).await?.0)
 }
 
 /// `lock_batches`, and the items at the cursor of the batch `cursor` names (up to its
@@ -1365,15 +1361,11 @@ async fn lock_batches_at(
     ids.sort();
     ids.dedup();
     let (rows, at_cursor) = lock_batch_rows_and_cursor(c, ids.clone(), cursor).await?;
-    Ok((touched_of(&ids, rows)?, at_cursor))
-}
-
-fn touched_of(ids: &[String], rows: Vec<BatchRow>) -> Result<BTreeMap<String, Touched>, StoreError> {
     let out: BTreeMap<String, Touched> = rows.into_iter().map(|row| (row.id.clone(), Touched::new(row))).collect();
     if let Some(missing) = ids.iter().find(|id| !out.contains_key(*id)) {
         return Err(StoreError::Corrupt(format!("item of missing batch {missing}")));
     }
-    Ok(out)
+    Ok((out, at_cursor))
 }
 
 /// The range leases of these batches, by batch.

@@ -348,6 +348,12 @@ async fn insert_items(c: &mut Conn, rows: Vec<NewItemRow>) -> Result<(), StoreEr
     let Some(first) = <[NewItemRow]>::first(&rows) else {
         return Ok(());
     };
+    if let Some(r) = rows.iter().find(|r| !new_item_like(r, first)) {
+        return Err(StoreError::Corrupt(format!(
+            "item {} of batch {} is not a new item of batch {}",
+            r.item_index, r.batch_id, first.batch_id
+        )));
+    }
     let n = rows.len();
     let plain = rows.iter().zip(first.item_index..).all(|(r, index)| {
         r.item_index == index
@@ -370,7 +376,6 @@ async fn insert_items(c: &mut Conn, rows: Vec<NewItemRow>) -> Result<(), StoreEr
             now: first.created_at,
         };
         for r in rows {
-            check_new_item(&r, &s.batch_id, &s.tenant, &s.queue, s.priority, s.now)?;
             s.id.push(r.id);
             s.input.push(r.input);
         }
@@ -391,7 +396,6 @@ async fn insert_items(c: &mut Conn, rows: Vec<NewItemRow>) -> Result<(), StoreEr
         now: first.created_at,
     };
     for r in rows {
-        check_new_item(&r, &s.batch_id, &s.tenant, &s.queue, s.priority, s.now)?;
         s.id.push(r.id);
         s.item_index.push(r.item_index);
         s.custom_id.push(r.custom_id);
@@ -403,32 +407,16 @@ async fn insert_items(c: &mut Conn, rows: Vec<NewItemRow>) -> Result<(), StoreEr
     inserted_all(s.execute(c).await?, n)
 }
 
-/// Refuses a row that is not a new item of the batch whose shared values the insert binds
-/// once.
-fn check_new_item(
-    r: &NewItemRow,
-    batch_id: &str,
-    tenant: &str,
-    queue: &str,
-    priority: i32,
-    now: OffsetDateTime,
-) -> Result<(), StoreError> {
-    let shared = r.batch_id == batch_id
-        && r.tenant == tenant
-        && r.queue == queue
-        && r.priority == priority
+/// Whether `r` is a new item of the batch of `first`, sharing what the insert binds once.
+fn new_item_like(r: &NewItemRow, first: &NewItemRow) -> bool {
+    r.batch_id == first.batch_id
+        && r.tenant == first.tenant
+        && r.queue == first.queue
+        && r.priority == first.priority
         && r.status == ItemStatus::Pending.as_str()
         && r.attempts == 0
-        && r.created_at == now
-        && r.updated_at == now;
-    if shared {
-        Ok(())
-    } else {
-        Err(StoreError::Corrupt(format!(
-            "item {} of batch {} is not a new item of batch {batch_id}",
-            r.item_index, r.batch_id
-        )))
-    }
+        && r.created_at == first.created_at
+        && r.updated_at == first.created_at
 }
 
 fn inserted_all(inserted: usize, n: usize) -> Result<(), StoreError> {
@@ -628,11 +616,7 @@ async fn notify_piped(c: &mut Piped<'_>, notices: &[Notice]) -> Result<(), Store
 }
 
 /// These batch rows, locked in id order, in one statement.
-async fn lock_batch_rows(c: &mut Conn, ids: Vec<String>) -> Result<Vec<BatchRow>, StoreError> {
-    lock_batch_rows_on(c, ids).await
-}
-
-async fn lock_batch_rows_on<C>(c: &mut C, ids: Vec<String>) -> Result<Vec<BatchRow>, StoreError>
+async fn lock_batch_rows<C>(c: &mut C, ids: Vec<String>) -> Result<Vec<BatchRow>, StoreError>
 where
     C: diesel_async::AsyncConnectionCore<Backend = Db> + Send,
 {
@@ -654,7 +638,7 @@ async fn lock_batch_rows_and_cursor(
     cursor: Option<(String, usize)>,
 ) -> Result<(Vec<BatchRow>, Option<AtCursor>), StoreError> {
     Ok(joined!(c =>
-        lock_batch_rows_on(c, ids).await?,
+        lock_batch_rows(c, ids).await?,
         match cursor {
             Some((batch_id, limit)) => items_at_cursor(c, batch_id, limit).await?,
             None => None,
