@@ -7,7 +7,10 @@
 //   `DbTime` and, for a nullable time, `DbMaybeTime`): the time itself on PostgreSQL, integer
 //   microseconds on SQLite (`sqlite/micros.rs`);
 // - `Self::transaction(f)`: runs `f` in a write transaction (`BEGIN IMMEDIATE` on SQLite, the
-//   whole transaction in one trip to a blocking thread);
+//   whole transaction in one trip to a blocking thread), and `Self::transaction_with(f)` the
+//   same for an `f` that may have ended it (`Ended`);
+// - `ENDS_IN_PIPELINE` and `end_piped(c)`: whether a transaction's last writes can take its
+//   `COMMIT` with them (PostgreSQL), and that `COMMIT`;
 // - `locked!(query)` / `skip_locked!(query)`: `FOR UPDATE [SKIP LOCKED]` on PostgreSQL, nothing
 //   on SQLite (whose write transactions are serialized);
 // - `insert_rows!(c, table, rows)`: a multi-row insert of owned rows;
@@ -1310,14 +1313,12 @@ mod fixed {
         "DELETE FROM leases WHERE running <= 0 AND expires_at < ", now => SqlTimestamp, ""
     );
 
+    // One statement whether or not the row exists yet, so that it can go out in a pipeline
+    // whose last statement commits (nothing may follow on its answer).
     fixed_statement!(AddToBucket { queue: &'a str, priority: i32, bucket: i64, shard: i32, delta: i64 } returns () =
-        "UPDATE queue_position_buckets SET pending = pending + ", delta => BigInt, " WHERE queue = ", queue => Text,
-        " AND priority = ", priority => Integer, " AND bucket = ", bucket => BigInt, " AND shard = ", shard => Integer, ""
-    );
-
-    fixed_statement!(NewBucket { queue: &'a str, priority: i32, bucket: i64, shard: i32, pending: i64 } returns () =
         "INSERT INTO queue_position_buckets (queue, priority, bucket, shard, pending) VALUES (", queue => Text, ", ",
-        priority => Integer, ", ", bucket => BigInt, ", ", shard => Integer, ", ", pending => BigInt, ")"
+        priority => Integer, ", ", bucket => BigInt, ", ", shard => Integer, ", ", delta => BigInt,
+        ") ON CONFLICT (queue, priority, bucket, shard) DO UPDATE SET pending = queue_position_buckets.pending + excluded.pending"
     );
 
     fixed_statement!(InsertRangeLease {
@@ -1412,14 +1413,9 @@ fn bucket_of(t: &Touched) -> (String, i32, i64, i32) {
 /// sum over a bucket's shards is its pending items.
 async fn count_pending(c: &mut Piped<'_>, deltas: BTreeMap<(String, i32, i64, i32), i64>) -> Result<(), StoreError> {
     piped_each!(c, ((queue, priority, bucket, shard), delta) in deltas.into_iter().filter(|(_, d)| *d != 0) => {
-        let added = AddToBucket { queue: &queue, priority, bucket, shard, delta, _row: std::marker::PhantomData }
+        AddToBucket { queue: &queue, priority, bucket, shard, delta, _row: std::marker::PhantomData }
             .execute(c)
             .await?;
-        if added == 0 {
-            NewBucket { queue: &queue, priority, bucket, shard, pending: delta, _row: std::marker::PhantomData }
-                .execute(c)
-                .await?;
-        }
     });
     Ok(())
 }
@@ -1434,23 +1430,29 @@ async fn save_batches(
     touched: &mut BTreeMap<String, Touched>,
     now: OffsetDateTime,
 ) -> Result<Vec<Notice>, StoreError> {
-    save_touched(c, touched.values_mut().collect(), now, false).await
+    Ok(save_touched(c, touched.values_mut().collect(), now, false).await?.0)
 }
 
 /// `save_batches` of one batch.
 async fn save_batch(c: &mut Conn, t: &mut Touched, now: OffsetDateTime) -> Result<Vec<Notice>, StoreError> {
-    save_touched(c, vec![t], now, false).await
+    Ok(save_touched(c, vec![t], now, false).await?.0)
 }
 
-/// `save_batches` of these batches; with `send_notices`, the notices also go out with the
-/// writes (`notify_piped`), for a transaction run by `write_then(…, false)`, which then does
-/// not send them again.
+/// Whether a transaction's closure has ended the transaction itself: its last statement
+/// was the `COMMIT` (`end_piped`), and only the connection's bookkeeping is left.
+#[derive(Debug, Clone, Copy)]
+struct Ended(bool);
+
+/// `save_batches` of these batches. With `last`, these are the transaction's last writes (of
+/// one run by `write_ending`): the notices go out with them (`notify_piped`), and where the
+/// backend allows it and every statement goes out at once, so does the `COMMIT`
+/// (`end_piped`), in the same round trip; `Ended` says whether it did.
 async fn save_touched(
     c: &mut Conn,
     mut touched: Vec<&mut Touched>,
     now: OffsetDateTime,
-    send_notices: bool,
-) -> Result<Vec<Notice>, StoreError> {
+    last: bool,
+) -> Result<(Vec<Notice>, Ended), StoreError> {
     let mut notices = Vec::new();
     let (mut entries_remove, mut entries_add, mut leases_end, mut leases_add, mut ranges_add) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -1505,9 +1507,18 @@ async fn save_touched(
     let runs = event_runs_of(events)?;
     notices.sort_by_key(Notice::encode);
     notices.dedup();
-    let to_send: &[Notice] = if send_notices { &notices } else { &[] };
+    let to_send: &[Notice] = if last { &notices } else { &[] };
+    // The `COMMIT` may go last only if every statement before it is sent on the first poll:
+    // one that waits for another's answer would be sent after it. Each block below sends one
+    // statement, or one per row (`piped_each!`), except the leases' and deliveries' loops.
+    let end = last
+        && ENDS_IN_PIPELINE
+        && leases_end.len().div_ceil(INSERT_CHUNK) + leases_add.len().div_ceil(INSERT_CHUNK) <= 1
+        && deliveries.len() <= INSERT_CHUNK;
     // Each of these writes rows no other of them reads or writes, and every batch row is
-    // already locked: on PostgreSQL they go out together instead of one round trip each.
+    // already locked: on PostgreSQL they go out together instead of one round trip each, in
+    // the order they are written here (each waits its turn for the connection's statement
+    // cache, in that order, and is sent once it has it).
     pipelined!(c =>
         {
             // Ended item leases go before new ones: an item may end and start again here.
@@ -1531,8 +1542,9 @@ async fn save_touched(
         { insert_event_runs(c, runs).await?; }
         { insert_chunked!(c, webhook_deliveries::table, deliveries); }
         { notify_piped(c, to_send).await?; }
+        { if end { end_piped(c).await?; } }
     );
-    Ok(notices)
+    Ok((notices, Ended(end)))
 }
 
 /// Unblocks the next waiting item of a sequential batch whose items before it have ended.
@@ -2669,29 +2681,28 @@ impl ThisStore {
             + Send
             + 'static,
     ) -> Result<R, StoreError> {
-        self.write_then(f, true).await
-    }
-
-    /// `write`; with `send_notices` false, for a transaction that has sent its notices
-    /// itself (`save_touched` with `send_notices`): they are not sent again, only published.
-    async fn write_then<R: Send + 'static>(
-        &self,
-        f: impl for<'c> FnOnce(&'c mut Conn) -> futures_util::future::BoxFuture<'c, Result<(R, Vec<Notice>), StoreError>>
-            + Send
-            + 'static,
-        send_notices: bool,
-    ) -> Result<R, StoreError> {
         let (result, notices) = self
             .transaction(move |c| {
                 Box::pin(async move {
                     let (result, notices) = f(c).await?;
-                    if send_notices {
-                        Self::notify_in_tx(c, &notices).await?;
-                    }
+                    Self::notify_in_tx(c, &notices).await?;
                     Ok((result, notices))
                 })
             })
             .await?;
+        self.after_commit(notices);
+        Ok(result)
+    }
+
+    /// `write` of a transaction whose last writes are `save_touched(…, last = true)`: they
+    /// sent its notices (so they are only published here), and may have committed it.
+    async fn write_ending<R: Send + 'static>(
+        &self,
+        f: impl for<'c> FnOnce(&'c mut Conn) -> futures_util::future::BoxFuture<'c, Result<((R, Vec<Notice>), Ended), StoreError>>
+            + Send
+            + 'static,
+    ) -> Result<R, StoreError> {
+        let (result, notices) = self.transaction_with(f).await?;
         self.after_commit(notices);
         Ok(result)
     }
@@ -3322,7 +3333,7 @@ impl crate::Store for ThisStore {
         let now = self.now();
         let max_error_chars = self.max_error_chars;
         let (results, claimed, turn) = self
-            .write_then(
+            .write_ending(
                 move |c| {
                 Box::pin(async move {
                     // First phase (see `crate::order`): the completions write (and so lock)
@@ -3465,15 +3476,16 @@ impl crate::Store for ThisStore {
                     }
                     // Entries found but not claimed stay; their rows were only locked.
                     save_items(c, changed).await?;
-                    // The notices go out with the writes, not in a round trip of their own
-                    // before the commit.
-                    let notices = save_touched(c, touched.values_mut().collect(), now, true).await?;
-                    turn.commit().await?;
+                    // This group commits after the one before it: its last writes may take the
+                    // `COMMIT` with them, and the notices go with them too (one round trip for
+                    // what were three).
+                    turn.after_previous().await?;
+                    let (notices, ended) = save_touched(c, touched.values_mut().collect(), now, true).await?;
+                    turn.second_phase_done();
                     // The turn ends once this transaction has (it goes back with the answer).
-                    Ok(((results, claimed_out, turn), notices))
+                    Ok((((results, claimed_out, turn), notices), ended))
                 })
                 },
-                false,
             )
             .await?;
         drop(turn);

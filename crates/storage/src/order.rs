@@ -5,9 +5,10 @@
 //! second locks batch rows and everything after them. Groups take turns in the order the
 //! writer started them: a group's second phase begins once the group before it has finished
 //! its own (so batch rows are always locked in turn order, and no group waits for a lock a
-//! later group holds), and it commits only after the group before it has ended. So a claim
-//! never commits before the results whose slots it reuses, and on PostgreSQL the next
-//! group's completions are written while the previous group locks, writes and commits.
+//! later group holds), and its last writes, which on PostgreSQL take its `COMMIT` with them,
+//! go out only after the group before it has ended. So a claim never commits before the
+//! results whose slots it reuses, and on PostgreSQL the next group's completions are written
+//! while the previous group locks, writes and commits.
 
 use std::future::Future;
 use std::time::Duration;
@@ -102,8 +103,9 @@ impl Turn {
         }
     }
 
-    /// Waits until the group before this one has ended: for a store whose write transactions
-    /// run one at a time, before this group's begins.
+    /// Waits until the group before this one has ended: before this group's last writes
+    /// (which may commit it), and for a store whose write transactions run one at a time,
+    /// before this group's begins.
     pub(crate) async fn after_previous(&mut self) -> Result<(), StoreError> {
         match self.previous.as_mut() {
             Some(previous) => wait(&mut previous.ended).await,
@@ -111,10 +113,9 @@ impl Turn {
         }
     }
 
-    /// Marks this group's second phase done, then waits until the group before it has ended.
-    pub(crate) async fn commit(&mut self) -> Result<(), StoreError> {
+    /// Marks this group's second phase done: the next group's may begin.
+    pub(crate) fn second_phase_done(&mut self) {
         drop(self.phase_done.take());
-        self.after_previous().await
     }
 }
 
@@ -147,10 +148,11 @@ mod tests {
         assert!(waiting.is_err(), "the second phase waits for the first's");
         let second_task = tokio::spawn(async move {
             second.second_phase().await.expect("phase");
-            second.commit().await.expect("commit");
+            second.after_previous().await.expect("commit");
             second
         });
-        first.commit().await.expect("the first commits at once");
+        first.after_previous().await.expect("the first commits at once");
+        first.second_phase_done();
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(
             !second_task.is_finished(),
@@ -162,7 +164,7 @@ mod tests {
         // A turn after a dropped one goes on at once.
         let mut third = order.turn();
         third.second_phase().await.expect("phase");
-        third.commit().await.expect("commit");
+        third.after_previous().await.expect("commit");
     }
 
     #[tokio::test]
@@ -172,6 +174,6 @@ mod tests {
         let mut second = order.turn();
         drop(first);
         second.second_phase().await.expect("phase");
-        second.commit().await.expect("commit");
+        second.after_previous().await.expect("commit");
     }
 }

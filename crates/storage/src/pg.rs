@@ -6,10 +6,11 @@ mod schema;
 
 use std::sync::Arc;
 
+use diesel::connection::TransactionDepthChange;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
-use diesel_async::{AsyncConnection, AsyncPgConnection};
+use diesel_async::{AnsiTransactionManager, AsyncConnection, AsyncPgConnection, TransactionManager};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures_util::StreamExt;
 use tokio::task::JoinHandle;
@@ -291,6 +292,8 @@ mod statements {
         secret => Array<Text>, "::text[], ", running => Array<Integer>, "::int[], ",
         started_at => Array<Timestamptz>, "::timestamptz[], ", expires_at => Array<Timestamptz>, "::timestamptz[])"
     );
+
+    statement!(Commit {} returns () = "COMMIT");
 
     statement!(Notify { channel: &'static str, payloads: Vec<String> } returns () =
         "SELECT pg_notify(", channel => Text, ", p) FROM unnest(", payloads => Array<Text>, "::text[]) AS p"
@@ -602,6 +605,18 @@ async fn leases_of(c: &mut Conn, ids: Vec<i64>) -> Result<Vec<LeaseRow>, StoreEr
 
 /// Sends these notices when the transaction commits, in one statement (which can go out
 /// with others, `pipelined!`).
+/// A transaction's last writes can take its `COMMIT` with them (`end_piped`).
+const ENDS_IN_PIPELINE: bool = true;
+
+/// The `COMMIT`, as the last statement of a pipeline: a prepared statement like the others,
+/// so it waits its turn for the statement cache behind those polled before it and is sent
+/// after them (a simple-query `COMMIT` would not wait, and could overtake one still being
+/// prepared). PostgreSQL runs a connection's statements in the order they arrive.
+async fn end_piped(c: &mut Piped<'_>) -> Result<(), StoreError> {
+    Commit {}.execute(c).await?;
+    Ok(())
+}
+
 async fn notify_piped(c: &mut Piped<'_>, notices: &[Notice]) -> Result<(), StoreError> {
     if notices.is_empty() {
         return Ok(());
@@ -773,6 +788,40 @@ impl PgStore {
         let mut conn = self.read_conn().await?;
         let conn: &mut Conn = &mut conn;
         conn.transaction(async move |c: &mut Conn| f(c).await).await
+    }
+
+    /// `transaction` of an `f` that may have ended the transaction itself (`Ended`): its last
+    /// pipeline's last statement was the `COMMIT` (`end_piped`), so only the transaction
+    /// manager's count is brought up to date. If `f` fails, the transaction is rolled back
+    /// (after a failed `COMMIT` there is none left, and the `ROLLBACK` only warns). A
+    /// connection dropped inside a transaction is discarded by the pool.
+    async fn transaction_with<R: Send + 'static>(
+        &self,
+        f: impl for<'c> FnOnce(&'c mut Conn) -> futures_util::future::BoxFuture<'c, Result<(R, Ended), StoreError>>
+        + Send
+        + 'static,
+    ) -> Result<R, StoreError> {
+        let mut conn = self.read_conn().await?;
+        let conn: &mut Conn = &mut conn;
+        AnsiTransactionManager::begin_transaction(conn).await?;
+        match f(conn).await {
+            Ok((value, Ended(true))) => {
+                AnsiTransactionManager::transaction_manager_status_mut(conn)
+                    .transaction_state()?
+                    .change_transaction_depth(TransactionDepthChange::DecreaseDepth)?;
+                Ok(value)
+            }
+            Ok((value, Ended(false))) => {
+                AnsiTransactionManager::commit_transaction(conn).await?;
+                Ok(value)
+            }
+            Err(e) => {
+                if let Err(rollback) = AnsiTransactionManager::rollback_transaction(conn).await {
+                    tracing::warn!(error = %rollback, "rollback failed; the connection is dropped");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Sends the transaction's notices with it, all in one statement.

@@ -846,6 +846,16 @@ async fn lock_batch_rows_and_cursor(
 }
 
 /// Nothing to send: SQLite's notices are published after the commit (`after_commit`).
+/// A transaction's last writes never take its commit with them here: `transaction` commits.
+const ENDS_IN_PIPELINE: bool = false;
+
+/// Never called (`ENDS_IN_PIPELINE`).
+async fn end_piped(_c: &mut Piped<'_>) -> Result<(), StoreError> {
+    Err(StoreError::Corrupt(
+        "SQLite transactions are committed by `transaction`".to_owned(),
+    ))
+}
+
 async fn notify_piped(_c: &mut Piped<'_>, _notices: &[Notice]) -> Result<(), StoreError> {
     Ok(())
 }
@@ -1060,6 +1070,24 @@ impl SqliteStore {
     /// Runs `f` in a write transaction (`BEGIN IMMEDIATE`) on the one writer, whole on a
     /// blocking thread: its statements run inline there (see [`Inline`]). Once begun, it
     /// runs to its end even if the caller stops waiting.
+    /// `transaction` of an `f` that may say it ended the transaction; on SQLite none does
+    /// (`ENDS_IN_PIPELINE`).
+    async fn transaction_with<R: Send + 'static>(
+        &self,
+        f: impl for<'c> FnOnce(&'c mut Conn) -> futures_util::future::BoxFuture<'c, Result<(R, Ended), StoreError>>
+        + Send
+        + 'static,
+    ) -> Result<R, StoreError> {
+        self.transaction(move |c| {
+            Box::pin(async move {
+                let (value, Ended(ended)) = f(c).await?;
+                debug_assert!(!ended, "SQLite transactions are committed by `transaction`");
+                Ok(value)
+            })
+        })
+        .await
+    }
+
     async fn transaction<R: Send + 'static>(
         &self,
         f: impl for<'c> FnOnce(&'c mut Conn) -> futures_util::future::BoxFuture<'c, Result<R, StoreError>> + Send + 'static,

@@ -23,6 +23,7 @@ conformance!(
     delayed_batches_wait_for_run_at,
     notices_wake_waiters,
     finish_and_claim_ends_and_starts_in_one_call,
+    finish_and_claim_ends_one_item_lease_and_starts_another,
     finish_and_claim_gives_nothing_of_a_batch_it_fails,
     finish_and_claim_never_gives_an_item_twice,
     a_run_of_equal_results_completes_every_item,
@@ -617,6 +618,55 @@ async fn finish_and_claim_ends_and_starts_in_one_call(f: Fixture) {
     assert!(results.is_empty());
     assert_eq!(claimed.len(), 1);
     assert!(claimed[0].is_empty());
+}
+
+/// A group that ends an item's own lease and makes another writes both lease statements in
+/// one transaction (on PostgreSQL its last writes then cannot take the `COMMIT` with them,
+/// and it commits on its own): both are kept, and seen from another connection.
+async fn finish_and_claim_ends_one_item_lease_and_starts_another(f: Fixture) {
+    let (a, _) = f.submit(sequential("q", 2)).await;
+    f.clock.advance(Duration::from_millis(1));
+    let (b, _) = f.submit(sequential("q", 1)).await;
+    let heads = f.claim("q", 10).await;
+    assert_eq!(
+        heads.iter().map(|c| (c.batch_id.as_str(), c.index)).collect::<Vec<_>>(),
+        vec![(a.id.as_str(), 0), (b.id.as_str(), 0)],
+        "each sequential batch's head, one lease each"
+    );
+    f.clock.advance(Duration::from_millis(1));
+    let (c, _) = f.submit(sequential("q", 1)).await;
+    let (results, claimed) = f
+        .store
+        .finish_and_claim(vec![completed(&heads[0])], vec![claim_request("q", 1)])
+        .await
+        .expect("finish and claim");
+    assert_eq!(results, vec![FinishResult::Applied(ItemStatus::Completed)]);
+    assert_eq!(
+        claimed[0]
+            .iter()
+            .map(|i| (i.batch_id.as_str(), i.index))
+            .collect::<Vec<_>>(),
+        vec![(c.id.as_str(), 0)],
+        "the next ready item: the finished item's successor is unblocked only as the group ends"
+    );
+    let other = f.reopen().await;
+    let seen = other.get_batch(Scope::All, &a.id).await.expect("batch a");
+    assert_eq!((seen.counts.completed, seen.counts.pending), (1, 1));
+    let seen = other.get_batch(Scope::All, &c.id).await.expect("batch c");
+    assert_eq!((seen.status, seen.counts.running), (BatchStatus::Running, 1));
+    // The new lease holds, and the finished item's successor is next.
+    assert_eq!(
+        f.complete(&claimed[0][0]).await,
+        FinishResult::Applied(ItemStatus::Completed)
+    );
+    let next = f.claim("q", 10).await;
+    assert_eq!(
+        next.iter().map(|i| (i.batch_id.as_str(), i.index)).collect::<Vec<_>>(),
+        vec![(a.id.as_str(), 1)]
+    );
+    for id in [&a.id, &b.id, &c.id] {
+        f.assert_counts_match_items(id).await;
+    }
 }
 
 async fn finish_and_claim_gives_nothing_of_a_batch_it_fails(f: Fixture) {
