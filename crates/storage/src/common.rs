@@ -10,7 +10,8 @@
 //   whole transaction in one trip to a blocking thread), and `Self::transaction_with(f)` the
 //   same for an `f` that may have ended it (`Ended`);
 // - `ENDS_IN_PIPELINE` and `end_piped(c)`: whether a transaction's last writes can take its
-//   `COMMIT` with them (PostgreSQL), and that `COMMIT`;
+//   `COMMIT` with them (PostgreSQL), and that `COMMIT`; `begin_piped(c)`: the `BEGIN` of a
+//   `transaction_with`, sent first with its first statements (nothing on SQLite);
 // - `locked!(query)` / `skip_locked!(query)`: `FOR UPDATE [SKIP LOCKED]` on PostgreSQL, nothing
 //   on SQLite (whose write transactions are serialized);
 // - `insert_rows!(c, table, rows)`: a multi-row insert of owned rows;
@@ -3345,7 +3346,9 @@ impl crate::Store for ThisStore {
                     // go out together: one round trip where there were three.
                     let none = HashSet::new();
                     let first = <[ClaimRequest]>::first(&claims).filter(|r| r.max_items > 0);
-                    let (fast, first_paused, first_found, first_cursors, mut reserved) = joined!(c =>
+                    let ((), fast, first_paused, first_found, first_cursors, mut reserved) = joined!(c =>
+                        // The transaction's `BEGIN`, first of all (`transaction_with`).
+                        begin_piped(c).await?,
                         complete_fast(c, &finishes, now).await?,
                         match first {
                             Some(request) => queue_paused(c, &request.queue).await?,

@@ -293,6 +293,8 @@ mod statements {
         started_at => Array<Timestamptz>, "::timestamptz[], ", expires_at => Array<Timestamptz>, "::timestamptz[])"
     );
 
+    statement!(Begin {} returns () = "BEGIN");
+
     statement!(Commit {} returns () = "COMMIT");
 
     statement!(Notify { channel: &'static str, payloads: Vec<String> } returns () =
@@ -605,6 +607,13 @@ async fn leases_of(c: &mut Conn, ids: Vec<i64>) -> Result<Vec<LeaseRow>, StoreEr
 
 /// Sends these notices when the transaction commits, in one statement (which can go out
 /// with others, `pipelined!`).
+/// The `BEGIN` of a `transaction_with`, as the first statement of its first pipeline: it
+/// takes the statement cache first, so every statement polled after it is sent after it.
+async fn begin_piped(c: &mut Piped<'_>) -> Result<(), StoreError> {
+    Begin {}.execute(c).await?;
+    Ok(())
+}
+
 /// A transaction's last writes can take its `COMMIT` with them (`end_piped`).
 const ENDS_IN_PIPELINE: bool = true;
 
@@ -790,9 +799,11 @@ impl PgStore {
         conn.transaction(async move |c: &mut Conn| f(c).await).await
     }
 
-    /// `transaction` of an `f` that may have ended the transaction itself (`Ended`): its last
-    /// pipeline's last statement was the `COMMIT` (`end_piped`), so only the transaction
-    /// manager's count is brought up to date. If `f` fails, the transaction is rolled back
+    /// `transaction` of an `f` that begins the transaction itself, its first statement
+    /// being `begin_piped` (the `BEGIN` then goes out with the statements polled after it,
+    /// not in a round trip of its own), and may have ended it (`Ended`): its last
+    /// pipeline's last statement was the `COMMIT` (`end_piped`). The transaction manager's
+    /// count is kept by hand around them. If `f` fails, the transaction is rolled back
     /// (after a failed `COMMIT` there is none left, and the `ROLLBACK` only warns). A
     /// connection dropped inside a transaction is discarded by the pool.
     async fn transaction_with<R: Send + 'static>(
@@ -803,7 +814,9 @@ impl PgStore {
     ) -> Result<R, StoreError> {
         let mut conn = self.read_conn().await?;
         let conn: &mut Conn = &mut conn;
-        AnsiTransactionManager::begin_transaction(conn).await?;
+        AnsiTransactionManager::transaction_manager_status_mut(conn)
+            .transaction_state()?
+            .change_transaction_depth(TransactionDepthChange::IncreaseDepth)?;
         match f(conn).await {
             Ok((value, Ended(true))) => {
                 AnsiTransactionManager::transaction_manager_status_mut(conn)

@@ -846,6 +846,11 @@ async fn lock_batch_rows_and_cursor(
 }
 
 /// Nothing to send: SQLite's notices are published after the commit (`after_commit`).
+/// Nothing: `transaction_with` has begun the transaction (`BEGIN IMMEDIATE`).
+async fn begin_piped(_c: &mut Piped<'_>) -> Result<(), StoreError> {
+    Ok(())
+}
+
 /// A transaction's last writes never take its commit with them here: `transaction` commits.
 const ENDS_IN_PIPELINE: bool = false;
 
@@ -1070,7 +1075,8 @@ impl SqliteStore {
     /// Runs `f` in a write transaction (`BEGIN IMMEDIATE`) on the one writer, whole on a
     /// blocking thread: its statements run inline there (see [`Inline`]). Once begun, it
     /// runs to its end even if the caller stops waiting.
-    /// `transaction` of an `f` that may say it ended the transaction; on SQLite none does
+    /// `transaction` of an `f` that calls `begin_piped` first (nothing here: this begins the
+    /// transaction) and may say it ended the transaction; on SQLite none does
     /// (`ENDS_IN_PIPELINE`).
     async fn transaction_with<R: Send + 'static>(
         &self,
