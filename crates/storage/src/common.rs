@@ -8,7 +8,8 @@
 //   microseconds on SQLite (`sqlite/micros.rs`);
 // - `Self::transaction(f)`: runs `f` in a write transaction (`BEGIN IMMEDIATE` on SQLite, the
 //   whole transaction in one trip to a blocking thread), and `Self::transaction_with(f)` the
-//   same for an `f` that may have ended it (`Ended`);
+//   same for an `f` that sends its `BEGIN` first (`begin_piped`) and may have ended it
+//   (`Ended`);
 // - `ENDS_IN_PIPELINE` and `end_piped(c)`: whether a transaction's last writes can take its
 //   `COMMIT` with them (PostgreSQL), and that `COMMIT`; `begin_piped(c)`: the `BEGIN` of a
 //   `transaction_with`, sent first with its first statements (nothing on SQLite);
@@ -3481,7 +3482,7 @@ impl crate::Store for ThisStore {
                     save_items(c, changed).await?;
                     // This group commits after the one before it: its last writes may take the
                     // `COMMIT` with them, and the notices go with them too (one round trip for
-                    // what were three).
+                    // what were two).
                     turn.after_previous().await?;
                     let (notices, ended) = save_touched(c, touched.values_mut().collect(), now, true).await?;
                     turn.second_phase_done();

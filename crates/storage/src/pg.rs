@@ -605,8 +605,6 @@ async fn leases_of(c: &mut Conn, ids: Vec<i64>) -> Result<Vec<LeaseRow>, StoreEr
         .await?)
 }
 
-/// Sends these notices when the transaction commits, in one statement (which can go out
-/// with others, `pipelined!`).
 /// The `BEGIN` of a `transaction_with`, as the first statement of its first pipeline: it
 /// takes the statement cache first, so every statement polled after it is sent after it.
 async fn begin_piped(c: &mut Piped<'_>) -> Result<(), StoreError> {
@@ -626,6 +624,8 @@ async fn end_piped(c: &mut Piped<'_>) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Sends these notices when the transaction commits, in one statement (which can go out
+/// with others, `pipelined!`).
 async fn notify_piped(c: &mut Piped<'_>, notices: &[Notice]) -> Result<(), StoreError> {
     if notices.is_empty() {
         return Ok(());

@@ -845,7 +845,6 @@ async fn lock_batch_rows_and_cursor(
     Ok((lock_batch_rows(c, ids).await?, None))
 }
 
-/// Nothing to send: SQLite's notices are published after the commit (`after_commit`).
 /// Nothing: `transaction_with` has begun the transaction (`BEGIN IMMEDIATE`).
 async fn begin_piped(_c: &mut Piped<'_>) -> Result<(), StoreError> {
     Ok(())
@@ -861,6 +860,7 @@ async fn end_piped(_c: &mut Piped<'_>) -> Result<(), StoreError> {
     ))
 }
 
+/// Nothing to send: SQLite's notices are published after the commit (`after_commit`).
 async fn notify_piped(_c: &mut Piped<'_>, _notices: &[Notice]) -> Result<(), StoreError> {
     Ok(())
 }
