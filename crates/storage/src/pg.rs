@@ -277,7 +277,7 @@ mod statements {
     );
 
     statement!(ReserveLeaseIds { n: i32 } returns BigInt =
-        "SELECT nextval(pg_get_serial_sequence('leases', 'id')) FROM generate_series(1, ", n => Integer, ")"
+        "SELECT nextval('leases_id_seq') FROM generate_series(1, ", n => Integer, ")"
     );
 
     statement!(InsertRangeLeases {
