@@ -7,9 +7,9 @@
 //! 2. end-to-end rate: the same submissions to a queue with the no-op handler, from the
 //!    first request to the moment the store shows every batch finished; every item is
 //!    checked to have completed, so a run that loses or skips work fails instead of
-//!    reporting a figure. The store is asked only once the handler has run as many times as
-//!    there are items, and then every 2 ms: asked all along, the asking loaded the server
-//!    it measured;
+//!    reporting a figure. The store is asked every 100 ms until the handler has run as many
+//!    times as there are items, then every 2 ms: asked every 2 ms all along, the asking
+//!    loaded the server it measured;
 //! 3. pick-up latency on an idle queue: one 1-item batch at a time, from the 202 to the
 //!    moment the handler starts (0 when it started before the reply arrived);
 //! 4. with `large`: claiming 100 items with 10,000 and with 1,000,000 items queued, and the
@@ -526,8 +526,7 @@ impl Http {
     }
 }
 
-/// Polls the store until no batch of `queue` is active.
-/// Asks the store whether every batch of `queue` has finished, calling `pause` between asks.
+/// Asks the store until no batch of `queue` is active, calling `pause` between asks.
 async fn wait_until_finished<F: Future<Output = ()>>(
     store: &dyn Store,
     queue: &str,

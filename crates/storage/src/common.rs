@@ -2454,8 +2454,8 @@ impl diesel::query_builder::QueryFragment<Db> for ReadyAhead<'_> {
         out.push_bind_param::<BigInt, _>(&self.bucket)?;
         out.push_sql("))) + (SELECT COALESCE(SUM(pending), 0) FROM batches WHERE queue = ");
         out.push_bind_param::<Text, _>(self.queue)?;
-        // The status terms are those of PostgreSQL's `batches_pending` predicate, so that it can
-        // use the index; a batch that has ended has no pending items anyway.
+        // The status terms are those of the `batches_pending` predicate, so that the index can
+        // serve this; a batch that has ended has no pending items anyway.
         out.push_sql(" AND pending > 0 AND status IN ('pending', 'running', 'paused', 'cancelling') AND priority = ");
         out.push_bind_param::<Integer, _>(&self.priority)?;
         out.push_sql(" AND seq >= ");
