@@ -38,6 +38,11 @@ const MAX_FINISH_GROUP: usize = 500;
 /// How many times the writer lets other tasks run, while forming a group, for the claims
 /// that the group's results are about to cause.
 const GATHER_YIELDS: usize = 3;
+/// A group formed while another is in flight goes at once only if it carries at least this
+/// many results and claimed slots; a smaller one waits for the one in flight to end, and
+/// takes in what arrives by then. Every group costs about the same fixed work whatever it
+/// carries, so with few slots a second group in flight would only halve the groups.
+const MIN_OVERLAPPED_GROUP: usize = 256;
 /// How long a handler may go on after its item was cancelled before it is abandoned.
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
 
@@ -829,6 +834,30 @@ struct Group {
 }
 
 impl Group {
+    /// Takes `first` and whatever else is waiting, up to `MAX_FINISH_GROUP` results.
+    async fn gather(&mut self, first: Write, rx: &mut mpsc::UnboundedReceiver<Write>) {
+        let mut next = Some(first);
+        let mut yields = 0;
+        while let Some(write) = next.take() {
+            self.add(write);
+            if self.finishes.len() < MAX_FINISH_GROUP {
+                next = rx.try_recv().ok();
+                while next.is_none() && yields < GATHER_YIELDS {
+                    // The results just taken freed slots, whose claim loops are about to ask
+                    // for more: let them, so their claims share this transaction.
+                    yields += 1;
+                    tokio::task::yield_now().await;
+                    next = rx.try_recv().ok();
+                }
+            }
+        }
+    }
+
+    /// Results and claimed slots: what the group's fixed cost is spread over.
+    fn weight(&self) -> usize {
+        self.finishes.len() + self.claims.iter().map(|c| c.max_items).sum::<usize>()
+    }
+
     fn add(&mut self, write: Write) {
         match write {
             Write::Finish(finish, reply, handoff) => {
@@ -887,11 +916,13 @@ impl ClaimReply {
 /// Writes results and claims in group commits: whatever is waiting when a transaction can
 /// start goes into it, results first, then the claims that reuse their slots. As many
 /// groups run at once as the store finds worth it (`Store::group_overlap`), each in the
-/// turn it was formed in, so they commit in that order. A failed commit is retried a few
+/// turn it was formed in, so they commit in that order; a group that would start beside
+/// another carrying little waits for it instead (`MIN_OVERLAPPED_GROUP`). A failed commit is retried a few
 /// times for its results (its claims answer the error) before their items are left to their
 /// leases.
 async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Write>) {
-    let in_flight = Arc::new(Semaphore::new(store.group_overlap().max(1)));
+    let overlap = store.group_overlap().max(1);
+    let in_flight = Arc::new(Semaphore::new(overlap));
     let groups = TaskTracker::new();
     let mut previous: Option<FirstPhaseDone> = None;
     while let Some(first) = rx.recv().await {
@@ -904,19 +935,18 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Write>) {
             previous.await;
         }
         let mut group = Group::default();
-        let mut next = Some(first);
-        let mut yields = 0;
-        while let Some(write) = next.take() {
-            group.add(write);
-            if group.finishes.len() < MAX_FINISH_GROUP {
-                next = rx.try_recv().ok();
-                while next.is_none() && yields < GATHER_YIELDS {
-                    // The results just taken freed slots, whose claim loops are about to ask
-                    // for more: let them, so their claims share this transaction.
-                    yields += 1;
-                    tokio::task::yield_now().await;
-                    next = rx.try_recv().ok();
-                }
+        group.gather(first, &mut rx).await;
+        if in_flight.available_permits() + 1 < overlap && group.weight() < MIN_OVERLAPPED_GROUP {
+            // Another group is in flight and this one is small: wait for that one to end.
+            let Ok(others) = in_flight
+                .acquire_many(u32::try_from(overlap - 1).unwrap_or(u32::MAX))
+                .await
+            else {
+                break;
+            };
+            drop(others);
+            if let Ok(write) = rx.try_recv() {
+                group.gather(write, &mut rx).await;
             }
         }
         group.claim_handoffs();
