@@ -917,9 +917,9 @@ impl ClaimReply {
 /// start goes into it, results first, then the claims that reuse their slots. As many
 /// groups run at once as the store finds worth it (`Store::group_overlap`), each in the
 /// turn it was formed in, so they commit in that order; a group that would start beside
-/// another carrying little waits for it instead (`MIN_OVERLAPPED_GROUP`). A failed commit is retried a few
-/// times for its results (its claims answer the error) before their items are left to their
-/// leases.
+/// another carrying little waits for it instead (`MIN_OVERLAPPED_GROUP`). A failed commit
+/// is retried a few times for its results (its claims answer the error) before their items
+/// are left to their leases.
 async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Write>) {
     let overlap = store.group_overlap().max(1);
     let in_flight = Arc::new(Semaphore::new(overlap));
