@@ -1103,3 +1103,6 @@ async fn rescue_expired(inner: Arc<Inner>, stop: CancellationToken) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
