@@ -2536,12 +2536,10 @@ impl diesel::query_builder::QueryFragment<Db> for ReadyInBatch<'_> {
 }
 
 /// The ready items of `batch` that will be claimed before its pending item `first`.
-async fn ready_in_batch(
-    c: &mut Conn,
-    batch: &BatchRow,
-    first: &ItemRow,
-    now: OffsetDateTime,
-) -> Result<i64, StoreError> {
+async fn ready_in_batch<C>(c: &mut C, batch: &BatchRow, first: &ItemRow, now: OffsetDateTime) -> Result<i64, StoreError>
+where
+    C: diesel_async::AsyncConnectionCore<Backend = Db> + Send,
+{
     let at_cursor = batch.cursor().waiting(first.started_at.is_some(), first.item_index) == Some(Waiting::AtCursor);
     let from = if at_cursor { batch.next_index } else { first.item_index };
     // Most batches have no queue entries, and no item at or after their cursor that ended
@@ -2579,20 +2577,25 @@ async fn positions(
     let mut out = HashMap::new();
     for (batch_id, mut group) in groups {
         let batch = &batches[batch_id];
-        let queue_paused = match paused.get(&batch.queue) {
-            Some(p) => *p,
-            None => {
-                let p = queue_paused(c, &batch.queue).await?;
-                paused.insert(batch.queue.clone(), p);
-                p
-            }
-        };
-        if queue_paused {
+        let known = paused.get(&batch.queue).copied();
+        if known == Some(true) {
             continue;
         }
         group.sort_by_key(|r| r.item_index);
-        let ahead: i64 = ReadyAhead::new(batch, now).get_result(c).await?;
-        let within = ready_in_batch(c, batch, group[0], now).await?;
+        // Whether the queue is paused and the counts that place the first item go out
+        // together (pipelined on PostgreSQL); a paused queue's counts are dropped.
+        let (queue_paused, ahead, within) = joined!(c =>
+            match known {
+                Some(p) => p,
+                None => queue_paused(c, &batch.queue).await?,
+            },
+            ReadyAhead::new(batch, now).get_result::<i64>(c).await?,
+            ready_in_batch(c, batch, group[0], now).await?,
+        );
+        paused.insert(batch.queue.clone(), queue_paused);
+        if queue_paused {
+            continue;
+        }
         for (i, r) in group.iter().enumerate() {
             out.insert(r.seq, 1 + ahead + within + i as i64);
         }
@@ -2658,7 +2661,45 @@ async fn records(
         .collect()
 }
 
-async fn find_visible_batch(c: &mut Conn, scope: Scope<'_>, id: &str) -> Result<BatchRow, StoreError> {
+/// A page of a batch's items in index order, one row more than `limit` to tell whether
+/// another page follows. `batch` is needed for the pending and running filters only: rows
+/// that say `pending` may be running under a range lease, so they ask for the status clients
+/// see, which depends on the batch's claim cursor.
+fn items_page<'a>(
+    batch_id: &'a str,
+    status: Option<ItemStatus>,
+    batch: Option<&BatchRow>,
+    after: Option<i32>,
+    limit: i64,
+) -> items::BoxedQuery<'a, Db, diesel::dsl::SqlTypeOf<diesel::dsl::AsSelect<ItemRow, Db>>> {
+    let mut q = items::table.filter(items::batch_id.eq(batch_id)).select(ItemRow::as_select()).into_boxed();
+    let cursor = batch.map(|b| (b.cursor().sequential, b.next_index));
+    match (status, cursor) {
+        (Some(ItemStatus::Pending), Some((false, cursor))) => {
+            q = q.filter(items::status.eq(ItemStatus::Pending.as_str())).filter(
+                items::started_at.is_not_null().or(items::item_index.ge(cursor)),
+            );
+        }
+        (Some(ItemStatus::Running), Some((false, cursor))) => {
+            let under_range = items::status
+                .eq(ItemStatus::Pending.as_str())
+                .and(items::started_at.is_null())
+                .and(items::item_index.lt(cursor));
+            q = q.filter(items::status.eq(ItemStatus::Running.as_str()).or(under_range));
+        }
+        (Some(s), _) => q = q.filter(items::status.eq(s.as_str())),
+        (None, _) => {}
+    }
+    if let Some(after) = after {
+        q = q.filter(items::item_index.gt(after));
+    }
+    q.order(items::item_index.asc()).limit(limit + 1)
+}
+
+async fn find_visible_batch<C>(c: &mut C, scope: Scope<'_>, id: &str) -> Result<BatchRow, StoreError>
+where
+    C: diesel_async::AsyncConnectionCore<Backend = Db> + Send,
+{
     let row: Option<BatchRow> =
         batches::table.find(id).select(BatchRow::as_select()).first(c).await.optional()?;
     row.filter(|b| visible(&b.tenant, scope)).ok_or(StoreError::NotFound)
@@ -3007,34 +3048,32 @@ impl crate::Store for ThisStore {
     ) -> Result<Page<ItemRecord>, StoreError> {
         let now = self.now();
         let mut conn = self.read_conn().await?;
-        let batch = find_visible_batch(&mut conn, scope, batch_id).await?;
-        let mut q = items::table.filter(items::batch_id.eq(batch_id.to_owned())).select(ItemRow::as_select()).into_boxed();
-        // Rows that say `pending` may be running under a range lease: the filter asks for the
-        // status clients see.
-        let sequential = batch.cursor().sequential;
-        let cursor = batch.next_index;
-        let under_range = items::status
-            .eq(ItemStatus::Pending.as_str())
-            .and(items::started_at.is_null())
-            .and(items::item_index.lt(cursor));
-        match status {
-            Some(ItemStatus::Pending) if !sequential => {
-                q = q.filter(items::status.eq(ItemStatus::Pending.as_str())).filter(
-                    items::started_at.is_not_null().or(items::item_index.ge(cursor)),
-                );
+        let c: &mut Conn = &mut conn;
+        let after = match page.cursor.as_deref().map(str::parse::<i32>) {
+            Some(Ok(after)) => Some(after),
+            Some(Err(_)) => {
+                // A batch that is not there is the answer, whatever the cursor.
+                find_visible_batch(c, scope, batch_id).await?;
+                return Err(bad_cursor());
             }
-            Some(ItemStatus::Running) if !sequential => {
-                q = q.filter(items::status.eq(ItemStatus::Running.as_str()).or(under_range));
-            }
-            Some(s) => q = q.filter(items::status.eq(s.as_str())),
-            None => {}
-        }
-        if let Some(cursor) = &page.cursor {
-            let after: i32 = cursor.parse().map_err(|_| bad_cursor())?;
-            q = q.filter(items::item_index.gt(after));
-        }
+            None => None,
+        };
         let limit = page_limit(page);
-        let mut rows: Vec<ItemRow> = q.order(items::item_index.asc()).limit(limit + 1).load(&mut *conn).await?;
+        // Only the pending and running filters depend on the batch row (its claim cursor);
+        // for the others the batch and the page go out together (pipelined on PostgreSQL).
+        // Should the batch not be visible, the rows read beside it are dropped.
+        let (batch, mut rows) = match status {
+            Some(ItemStatus::Pending | ItemStatus::Running) => {
+                let batch = find_visible_batch(c, scope, batch_id).await?;
+                let q = items_page(batch_id, status, Some(&batch), after, limit);
+                let rows: Vec<ItemRow> = q.load(c).await?;
+                (batch, rows)
+            }
+            _ => joined!(c =>
+                find_visible_batch(c, scope, batch_id).await?,
+                items_page(batch_id, status, None, after, limit).load::<ItemRow>(c).await?,
+            ),
+        };
         let next_cursor = if rows.len() as i64 > limit {
             rows.truncate(limit as usize);
             rows.last().map(|r| r.item_index.to_string())
@@ -3042,7 +3081,7 @@ impl crate::Store for ThisStore {
             None
         };
         let batches = HashMap::from([(batch.id.clone(), batch)]);
-        Ok(Page { rows: records(&mut conn, rows, &batches, now).await?, next_cursor })
+        Ok(Page { rows: records(c, rows, &batches, now).await?, next_cursor })
     }
 
     async fn list_recent_items(
