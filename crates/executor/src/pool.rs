@@ -39,7 +39,8 @@ const MAX_FINISH_GROUP: usize = 500;
 /// that the group's results are about to cause.
 const GATHER_YIELDS: usize = 3;
 /// A group formed while another is in flight goes at once only if it carries at least this
-/// many results and claimed slots; a smaller one waits for the one in flight to end, and
+/// many results and slots its claim loops ask to fill (a slot handed on with a result counts
+/// once, as the result); a smaller one waits for the one in flight to end, and
 /// takes in what arrives by then. Every group costs about the same fixed work whatever it
 /// carries, so with few slots a second group in flight would only halve the groups.
 const MIN_OVERLAPPED_GROUP: usize = 256;
