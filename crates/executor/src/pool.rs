@@ -40,9 +40,9 @@ const MAX_FINISH_GROUP: usize = 500;
 const GATHER_YIELDS: usize = 3;
 /// A group formed while another is in flight goes at once only if it carries at least this
 /// many results and slots its claim loops ask to fill (a slot handed on with a result counts
-/// once, as the result); a smaller one waits for the one in flight to end, and
-/// takes in what arrives by then. Every group costs about the same fixed work whatever it
-/// carries, so with few slots a second group in flight would only halve the groups.
+/// once, as the result); a smaller one waits for the one in flight to end, and takes in what
+/// arrives by then. Every group costs about the same fixed work whatever it carries, so with
+/// few slots a second group in flight would only halve the groups.
 const MIN_OVERLAPPED_GROUP: usize = 256;
 /// How long a handler may go on after its item was cancelled before it is abandoned.
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
@@ -854,7 +854,8 @@ impl Group {
         }
     }
 
-    /// Results and claimed slots: what the group's fixed cost is spread over.
+    /// Results and the slots its claim loops ask to fill (slots handed on with results are
+    /// claimed later, in `claim_handoffs`): what the group's fixed cost is spread over.
     fn weight(&self) -> usize {
         self.finishes.len() + self.claims.iter().map(|c| c.max_items).sum::<usize>()
     }
