@@ -744,6 +744,7 @@ impl PgStore {
         // and the query cost a round trip per transaction.
         let mut config = ManagerConfig::default();
         config.recycling_method = RecyclingMethod::Fast;
+        config.custom_setup = establish_on(tokio::runtime::Handle::current());
         let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(options.url.clone(), config);
         let pool = Pool::builder(manager)
             .max_size(options.max_connections.max(2))
@@ -872,6 +873,25 @@ impl PgStore {
         .await
         .map_err(|e| StoreError::Migration(e.to_string()))?
     }
+}
+
+/// How the pool opens a connection: on `runtime`, the one the store was opened on. A
+/// connection is driven by a task (tokio-postgres's connection future) spawned on the
+/// runtime that opened it, and lives only as long as that runtime. The pool opens
+/// connections when they are first asked for, and an HTTP handler runs on its actix
+/// worker's own runtime: a connection opened there died when the server stopped its
+/// workers, under whatever transaction ran on it then, such as the executor's last group
+/// commit ("connection closed"; the server rolled the transaction back).
+fn establish_on(runtime: tokio::runtime::Handle) -> diesel_async::pooled_connection::SetupCallback<AsyncPgConnection> {
+    Box::new(move |url| {
+        let url = url.to_owned();
+        let opened = runtime.spawn(async move { AsyncPgConnection::establish(&url).await });
+        Box::pin(async move {
+            opened
+                .await
+                .map_err(|e| ConnectionError::BadConnection(format!("opening a connection stopped: {e}")))?
+        })
+    })
 }
 
 /// Forwards `NOTIFY batchd` payloads to the local subscribers, reconnecting with backoff.

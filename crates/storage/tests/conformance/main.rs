@@ -10,5 +10,6 @@ mod concurrency;
 mod control;
 mod crash;
 mod positions;
+mod runtimes;
 mod upgrade;
 mod webhooks;
