@@ -2,13 +2,11 @@
 //! a `kill -9` in the middle of a batch loses nothing: after a restart every item runs to the
 //! end, the interrupted ones again (their lease expired), and the counters match the items.
 
-use std::time::Duration;
-
 use batchd_storage::testing::TestDatabase;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-use crate::support::Server;
+use crate::support::{STOP_TIMEOUT, Server};
 
 fn ended(batch: &Value) -> bool {
     matches!(batch["status"].as_str(), Some("completed" | "failed" | "cancelled"))
@@ -60,7 +58,7 @@ async fn runs_a_demo_batch(mut server: Server) {
         assert!(metrics.contains(expected), "missing {expected:?} in:\n{metrics}");
     }
     server.signal(Signal::SIGTERM);
-    assert_eq!(server.wait_exit(Duration::from_secs(10)).await.code(), Some(0));
+    assert_eq!(server.wait_exit(STOP_TIMEOUT).await.code(), Some(0));
 }
 
 #[tokio::test]
@@ -101,7 +99,7 @@ async fn a_killed_server_loses_nothing_after_a_restart() {
         .wait_until(&path, |b| b["counts"]["running"].as_i64() == Some(4))
         .await;
     server.signal(Signal::SIGKILL);
-    server.wait_exit(Duration::from_secs(10)).await;
+    server.wait_exit(STOP_TIMEOUT).await;
 
     let mut restarted = Server::serve(dir.path(), &[], &env);
     restarted.wait_ready().await;
@@ -129,5 +127,5 @@ async fn a_killed_server_loses_nothing_after_a_restart() {
         .count();
     assert!(expired >= 4, "their leases expired: {expired}");
     restarted.signal(Signal::SIGTERM);
-    assert_eq!(restarted.wait_exit(Duration::from_secs(10)).await.code(), Some(0));
+    assert_eq!(restarted.wait_exit(STOP_TIMEOUT).await.code(), Some(0));
 }

@@ -1,10 +1,8 @@
 //! `batchd migrate` and `batchd config check`.
 
-use std::time::Duration;
-
 use nix::sys::signal::Signal;
 
-use crate::support::{Server, batchd, run};
+use crate::support::{STOP_TIMEOUT, Server, batchd, run};
 
 #[tokio::test]
 async fn migrate_then_serve_without_migrating_on_start() {
@@ -20,7 +18,7 @@ async fn migrate_then_serve_without_migrating_on_start() {
     let message = not_ready.body["error"]["message"].as_str().expect("a message");
     assert!(message.contains("migrations"), "{message}");
     server.signal(Signal::SIGTERM);
-    assert_eq!(server.wait_exit(Duration::from_secs(10)).await.code(), Some(0));
+    assert_eq!(server.wait_exit(STOP_TIMEOUT).await.code(), Some(0));
 
     let first = run(dir.path(), batchd(dir.path(), &["migrate"])).await;
     assert!(first.status.success(), "{first:?}");
@@ -38,7 +36,7 @@ async fn migrate_then_serve_without_migrating_on_start() {
     let mut server = Server::serve(dir.path(), &[], &no_migrate);
     server.wait_ready().await;
     server.signal(Signal::SIGTERM);
-    assert_eq!(server.wait_exit(Duration::from_secs(10)).await.code(), Some(0));
+    assert_eq!(server.wait_exit(STOP_TIMEOUT).await.code(), Some(0));
 }
 
 #[tokio::test]

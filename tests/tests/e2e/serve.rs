@@ -1,17 +1,15 @@
 //! `batchd serve`: zero-config start on SQLite, PostgreSQL, clean stop, the open-mode rule.
 
-use std::time::Duration;
-
 use batchd_storage::testing::TestDatabase;
 use nix::sys::signal::Signal;
 
-use crate::support::{Server, batchd, free_port, run};
+use crate::support::{STOP_TIMEOUT, Server, batchd, free_port, run};
 
-/// The grace period the servers under test get; a stop must end well within it.
+/// The grace period the servers under test get (shorter than the default).
 const GRACE_MS: u64 = 5_000;
 
 /// Checks a freshly started server's health, readiness, 404 shape and request ids, then
-/// stops it with SIGTERM and expects exit code 0 within the grace period.
+/// stops it with SIGTERM and expects exit code 0.
 async fn serves_then_stops_cleanly(mut server: Server) {
     let ready = server.wait_ready().await;
     assert_eq!(
@@ -35,7 +33,7 @@ async fn serves_then_stops_cleanly(mut server: Server) {
     assert!(!id.is_empty());
 
     server.signal(Signal::SIGTERM);
-    let status = server.wait_exit(Duration::from_millis(GRACE_MS)).await;
+    let status = server.wait_exit(STOP_TIMEOUT).await;
     assert_eq!(status.code(), Some(0), "SIGTERM is a clean stop\n{}", server.logs());
 }
 
@@ -96,7 +94,7 @@ async fn sigint_is_a_clean_stop_too() {
     let mut server = Server::serve(dir.path(), &[], &[]);
     server.wait_ready().await;
     server.signal(Signal::SIGINT);
-    let status = server.wait_exit(Duration::from_millis(GRACE_MS)).await;
+    let status = server.wait_exit(STOP_TIMEOUT).await;
     assert_eq!(status.code(), Some(0), "{}", server.logs());
 }
 
@@ -135,6 +133,6 @@ async fn serves_on_any_address_once_a_key_is_configured() {
     let mut server = Server::spawn(dir.path(), command, ([127, 0, 0, 1], port).into());
     server.wait_ready().await;
     server.signal(Signal::SIGTERM);
-    let status = server.wait_exit(Duration::from_millis(GRACE_MS)).await;
+    let status = server.wait_exit(STOP_TIMEOUT).await;
     assert_eq!(status.code(), Some(0), "{}", server.logs());
 }

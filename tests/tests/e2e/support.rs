@@ -16,6 +16,12 @@ use nix::unistd::Pid;
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a one-shot command (`migrate`, `config check`) may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a signalled child may take to exit. A clean stop takes milliseconds, and the
+/// server's own bound is its shutdown grace (30 s by default) plus a margin; this deadline
+/// only catches a hang. It is generous because a shared machine can stall a process for
+/// seconds (a short deadline here once failed a run in which the server logged nothing at
+/// all for 10 s after its accept thread stopped).
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// The pause between two polls.
 const POLL_INTERVAL: Duration = Duration::from_millis(25);
 
@@ -158,9 +164,10 @@ impl Process {
 
     fn describe(&self) -> String {
         format!(
-            "--- stdout ---\n{}\n--- stderr ---\n{}",
+            "--- stdout ---\n{}\n--- stderr ---\n{}{}",
             self.logs.stdout(),
-            self.logs.stderr()
+            self.logs.stderr(),
+            threads(self.child.id())
         )
     }
 }
@@ -173,6 +180,38 @@ impl Drop for Process {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Where each thread of a running child is (`/proc/<pid>/task`: name, state, kernel wait
+/// channel), so a child that misses a deadline shows whether it was blocked, waiting or
+/// running; empty once the child has exited.
+fn threads(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return String::new();
+    };
+    let read = |path: PathBuf| std::fs::read_to_string(path).unwrap_or_default().trim().to_owned();
+    let mut lines: Vec<String> = tasks
+        .flatten()
+        .map(|task| {
+            let dir = task.path();
+            let stat = read(dir.join("stat"));
+            // The state follows the parenthesised name, which may itself hold spaces.
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split(' ').next())
+                .unwrap_or("?")
+                .to_owned();
+            format!(
+                "{} {} state={} wchan={}",
+                task.file_name().to_string_lossy(),
+                read(dir.join("comm")),
+                state,
+                read(dir.join("wchan"))
+            )
+        })
+        .collect();
+    lines.sort();
+    format!("\n--- threads ---\n{}", lines.join("\n"))
 }
 
 /// What a finished one-shot command left.

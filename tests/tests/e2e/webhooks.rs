@@ -5,7 +5,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use batchd_storage::testing::TestDatabase;
 use nix::sys::signal::Signal;
@@ -13,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::support::Server;
+use crate::support::{STOP_TIMEOUT, Server};
 
 /// What the receiver got: the `webhook-id`, the status it answered, and in which phase.
 #[derive(Debug, Clone)]
@@ -182,7 +181,7 @@ async fn deliveries_survive_a_kill(database_args: &[&str]) {
         assert!(attempt["latency_ms"].is_i64() && attempt["at"].is_string(), "{d}");
     }
     server.signal(Signal::SIGKILL);
-    server.wait_exit(Duration::from_secs(10)).await;
+    server.wait_exit(STOP_TIMEOUT).await;
     // Every failed attempt was logged, with its delivery id and never the secret.
     let logs = server.logs();
     for id in &due_ids {
@@ -228,7 +227,7 @@ async fn deliveries_survive_a_kill(database_args: &[&str]) {
         .collect();
     assert!(resent.is_empty(), "acknowledged deliveries were sent again: {resent:?}");
     restarted.signal(Signal::SIGTERM);
-    assert_eq!(restarted.wait_exit(Duration::from_secs(10)).await.code(), Some(0));
+    assert_eq!(restarted.wait_exit(STOP_TIMEOUT).await.code(), Some(0));
 }
 
 #[tokio::test]
@@ -261,7 +260,7 @@ async fn private_webhook_urls_are_refused_by_default() {
         assert_eq!(reply.body["error"]["issues"][0]["path"], "webhook.url");
     }
     server.signal(Signal::SIGTERM);
-    assert_eq!(server.wait_exit(Duration::from_secs(10)).await.code(), Some(0));
+    assert_eq!(server.wait_exit(STOP_TIMEOUT).await.code(), Some(0));
     let mut allowed = Server::serve(
         dir.path(),
         &[],
@@ -282,5 +281,5 @@ async fn private_webhook_urls_are_refused_by_default() {
         assert_eq!(reply.status, 202, "{url}: {:?}", reply.body);
     }
     allowed.signal(Signal::SIGTERM);
-    assert_eq!(allowed.wait_exit(Duration::from_secs(10)).await.code(), Some(0));
+    assert_eq!(allowed.wait_exit(STOP_TIMEOUT).await.code(), Some(0));
 }

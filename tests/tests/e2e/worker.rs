@@ -11,7 +11,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
-use crate::support::{Background, Server, batchd};
+use crate::support::{Background, STOP_TIMEOUT, Server, batchd};
 
 /// A server with a pull queue `remote` (leases of 1.5 s, so a cancel is seen within 0.5 s),
 /// on SQLite in `dir` or on the database `database_url`.
@@ -129,7 +129,7 @@ async fn shell_script_works_a_batch(database_url: Option<&str>) {
         worker.describe()
     );
     worker.signal(Signal::SIGTERM);
-    let status = worker.wait_exit(Duration::from_secs(10)).await;
+    let status = worker.wait_exit(STOP_TIMEOUT).await;
     assert_eq!(status.code(), Some(0), "{}", worker.describe());
 }
 
