@@ -257,7 +257,7 @@ impl Server {
         let http = reqwest::Client::builder()
             // No idle connections: a kept-alive connection would hold up a graceful stop.
             .pool_max_idle_per_host(0)
-            .timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
             .build()
             .expect("an HTTP client");
         Server {

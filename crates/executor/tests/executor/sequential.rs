@@ -64,7 +64,7 @@ async fn items_run_in_order_sharing_one_context(backend: Backend) {
     let batch = h.wait_until_ended(&id).await;
     assert_eq!(batch.status, BatchStatus::Completed);
     // The close after the last item happens right after its finish commits; wait for it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while recorder.log.lock().expect("log").len() < 12 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -421,7 +421,7 @@ async fn notices_wake_waiters(f: Fixture) {
     // on SQLite a second store is a second process's view and has its own channel.
     let (b, _) = f.submit(batch("wake", 1)).await;
     let mut got_work = false;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !got_work {
         let notice = tokio::time::timeout_at(deadline, rx.recv())
             .await

@@ -95,7 +95,7 @@ async fn deliveries_follow_the_batchs_event_selection(f: Fixture) {
     let none = f.submit(batch("q", 1)).await.0.id;
     assert!(deliveries(f.store.as_ref(), &none).await.is_empty());
     // Writing deliveries wakes the dispatchers.
-    let woke = tokio::time::timeout(Duration::from_secs(10), async {
+    let woke = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             if notices.recv().await.expect("a notice") == Notice::Webhooks {
                 return;
