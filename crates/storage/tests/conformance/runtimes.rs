@@ -86,7 +86,7 @@ async fn a_transaction_outlives_the_runtime_its_connection_was_opened_from() {
     f.assert_counts_match_items(&batch_id).await;
 }
 
-/// Waits (at most 30 s) until a session of the test's database waits for a lock.
+/// Waits (at most 60 s) until a session of the test's database waits for a lock.
 async fn wait_for_a_lock_wait(url: &str) {
     #[derive(diesel::QueryableByName)]
     struct Waiting {
@@ -94,7 +94,7 @@ async fn wait_for_a_lock_wait(url: &str) {
         n: i64,
     }
     let mut c = AsyncPgConnection::establish(url).await.expect("connect");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let waiting: Waiting = diesel::sql_query(
             "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() \
