@@ -263,6 +263,24 @@ mod statements {
          RETURNING v.n, l.batch_id"
     );
 
+    // A run of consecutive items of one range lease: the items are one range of the
+    // `(batch_id, item_index)` index, each checked against its own id and given its own
+    // result by its place in the run; the lease is read once.
+    statement!(CompleteRun {
+        lease: i64, secret: String, first: i32, last: i32, id: Vec<String>, result: Vec<Value>, now: OffsetDateTime,
+    } returns (Integer, Text) =
+        "UPDATE items AS i SET status = 'completed', attempts = 1, started_at = l.started_at, result = (",
+        result => Array<Jsonb>, "::jsonb[])[i.item_index - ", first => Integer, "::int + 1], error = NULL, \
+         completed_at = ", now => Timestamptz, "::timestamptz, updated_at = ", now => Timestamptz,
+        "::timestamptz FROM leases AS l WHERE l.id = ", lease => BigInt, "::bigint AND l.secret = ", secret => Text,
+        "::text AND l.item_seq IS NULL AND l.first_index <= ", first => Integer, "::int AND l.last_index >= ",
+        last => Integer, "::int AND i.batch_id = l.batch_id AND i.item_index BETWEEN ", first => Integer,
+        "::int AND ", last => Integer, "::int AND i.id = (", id => Array<Text>, "::text[])[i.item_index - ",
+        first => Integer, "::int + 1] AND i.status = 'pending' AND i.started_at IS NULL AND i.attempts = 0 \
+         AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = i.batch_id AND b.status IN ('pending', 'running', 'paused')) \
+         RETURNING i.item_index, l.batch_id"
+    );
+
     statement!(CompleteOwn {
         id: Vec<String>, token: Vec<String>, result: Vec<Value>, now: OffsetDateTime,
     } returns CompletedItemSql =
@@ -456,50 +474,115 @@ async fn insert_event_runs(c: &mut &Conn, runs: Vec<EventRunRow>) -> Result<(), 
     Ok(())
 }
 
+/// Runs of at least this many consecutive items of one range lease are completed by
+/// `CompleteRun`, one range of the index each; the other ends by `CompleteRanged`, an index
+/// probe each. Bare, 256 items took 1.7 ms one way and 2.5–3.1 ms the other.
+const RUN_MIN: usize = 16;
+
 /// Completes items running under range leases, where the lease covers the item and its
 /// secret matches and the item's row still says it runs under the range; returns the ends
-/// it wrote, each with its lease.
+/// it wrote, each with its lease. Runs of consecutive items of one lease are one statement
+/// each, and the rest one statement together, all sent at once.
 async fn complete_ranged(
     c: &mut &Conn,
-    ends: Vec<RangeEnd>,
+    mut ends: Vec<RangeEnd>,
     now: OffsetDateTime,
 ) -> Result<Vec<(RangeDone, i64)>, StoreError> {
     if ends.is_empty() {
         return Ok(Vec::new());
     }
-    let n = ends.len();
-    let mut s = CompleteRanged {
-        id: Vec::with_capacity(n),
-        lease: Vec::with_capacity(n),
-        secret: Vec::with_capacity(n),
-        item_index: Vec::with_capacity(n),
-        result: Vec::with_capacity(n),
-        now,
-    };
-    let mut ends: Vec<Option<RangeEnd>> = ends
-        .into_iter()
-        .map(|mut e| {
-            s.id.push(e.id.clone());
-            s.lease.push(e.lease);
-            s.secret.push(std::mem::take(&mut e.secret));
-            s.item_index.push(e.item_index);
-            s.result.push(std::mem::take(&mut e.result));
-            Some(e)
+    ends.sort_unstable_by(|a, b| (a.lease, &a.secret, a.item_index).cmp(&(b.lease, &b.secret, b.item_index)));
+    let mut runs = Vec::new();
+    let mut rest = Vec::new();
+    let mut start = 0;
+    for k in 1..=ends.len() {
+        let (a, b) = (&ends[k - 1], ends.get(k));
+        if b.is_some_and(|b| b.lease == a.lease && b.secret == a.secret && b.item_index == a.item_index + 1) {
+            continue;
+        }
+        if k - start >= RUN_MIN {
+            runs.push(start..k);
+        } else {
+            rest.extend(start..k);
+        }
+        start = k;
+    }
+    // The results go into the statements; the ends keep what the answers are matched with.
+    let run_statements: Vec<(usize, CompleteRun)> = runs
+        .iter()
+        .map(|run| {
+            let s = CompleteRun {
+                lease: ends[run.start].lease,
+                secret: ends[run.start].secret.clone(),
+                first: ends[run.start].item_index,
+                last: ends[run.end - 1].item_index,
+                id: ends[run.clone()].iter().map(|e| e.id.clone()).collect(),
+                result: ends[run.clone()]
+                    .iter_mut()
+                    .map(|e| std::mem::take(&mut e.result))
+                    .collect(),
+                now,
+            };
+            (run.start, s)
         })
         .collect();
-    // `n` counts from 1, in the order of `ends`.
-    let written: Vec<(i64, String)> = s.load(c).await?;
-    let mut out = Vec::with_capacity(written.len());
-    for (k, batch_id) in written {
-        let Some(e) = usize::try_from(k - 1).ok().and_then(|k| ends.get_mut(k)?.take()) else {
+    let shared: &Conn = c;
+    let run_statements = run_statements.into_iter().map(|(base, s)| {
+        let (first, len) = (s.first, s.id.len());
+        async move {
+            let mut own = shared;
+            let done: Vec<(i32, String)> = s.load(&mut own).await?;
+            // Each row's place in the run is its index's distance from the run's first.
+            let written = done.into_iter().filter_map(|(i, batch_id)| {
+                let offset = usize::try_from(i - first).ok().filter(|&o| o < len)?;
+                Some((base + offset, batch_id))
+            });
+            Ok::<_, StoreError>(written.collect::<Vec<_>>())
+        }
+    });
+    let mut s = CompleteRanged {
+        id: Vec::with_capacity(rest.len()),
+        lease: Vec::with_capacity(rest.len()),
+        secret: Vec::with_capacity(rest.len()),
+        item_index: Vec::with_capacity(rest.len()),
+        result: Vec::with_capacity(rest.len()),
+        now,
+    };
+    for &k in &rest {
+        let e = &mut ends[k];
+        s.id.push(e.id.clone());
+        s.lease.push(e.lease);
+        s.secret.push(e.secret.clone());
+        s.item_index.push(e.item_index);
+        s.result.push(std::mem::take(&mut e.result));
+    }
+    let singles = async {
+        if rest.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut own = shared;
+        // `n` counts from 1, in the order of `rest`.
+        let written: Vec<(i64, String)> = s.load(&mut own).await?;
+        let written = written
+            .into_iter()
+            .filter_map(|(n, batch_id)| Some((*rest.get(usize::try_from(n - 1).ok()?)?, batch_id)));
+        Ok::<_, StoreError>(written.collect::<Vec<_>>())
+    };
+    let (singles, runs) = tokio::try_join!(singles, futures_util::future::try_join_all(run_statements))?;
+    let mut ends: Vec<Option<RangeEnd>> = ends.into_iter().map(Some).collect();
+    let mut out = Vec::with_capacity(ends.len());
+    for (k, batch_id) in singles.into_iter().chain(runs.into_iter().flatten()) {
+        let Some(e) = ends.get_mut(k).and_then(Option::take) else {
             continue;
         };
-        let end = RangeDone {
-            id: e.id,
-            batch_id,
-            item_index: e.item_index,
-        };
-        out.push((end, e.lease));
+        out.push((
+            RangeDone {
+                id: e.id,
+                batch_id,
+                item_index: e.item_index,
+            },
+            e.lease,
+        ));
     }
     Ok(out)
 }

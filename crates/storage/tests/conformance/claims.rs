@@ -30,6 +30,9 @@ conformance!(
     a_run_skips_an_item_that_left_its_range,
     a_run_naming_other_items_writes_only_the_right_ones,
     forged_range_tokens_write_nothing,
+    long_runs_give_each_item_its_own_result,
+    a_long_run_naming_other_items_writes_only_the_right_ones,
+    a_long_run_past_its_lease_writes_only_what_it_covers,
 );
 
 async fn claims_by_priority_then_fifo(f: Fixture) {
@@ -725,5 +728,94 @@ async fn finish_and_claim_never_gives_an_item_twice(f: Fixture) {
     assert_eq!(claimed[1][0].queue, "other");
     let batch = f.batch(&b.id).await;
     assert_eq!((batch.counts.running, batch.counts.pending), (4, 1));
+    f.assert_counts_match_items(&b.id).await;
+}
+
+// The runs below are longer than the shortest run either backend writes with one statement
+// (16 consecutive items of a lease on PostgreSQL, 4 on SQLite), so both ways are checked.
+
+async fn long_runs_give_each_item_its_own_result(f: Fixture) {
+    let (b, _) = f.submit(batch("q", 50)).await;
+    let claimed = f.claim("q", 40).await;
+    f.clock.advance(Duration::from_secs(1));
+    let mut finishes = completions_with(&claimed, |item| json!({"index": item.index}));
+    finishes.reverse();
+    let results = f.store.finish(finishes).await.expect("finish");
+    assert_eq!(results, vec![FinishResult::Applied(ItemStatus::Completed); 40]);
+    let items = f.items(&b.id).await;
+    for item in &items[..40] {
+        assert_eq!(item.status, ItemStatus::Completed);
+        assert_eq!(item.result, Some(json!({"index": item.index})), "item {}", item.index);
+        assert_eq!(item.attempts, 1);
+        assert!(item.started_at.is_some_and(|at| Some(at) < item.completed_at));
+    }
+    assert!(items[40..].iter().all(|i| i.status == ItemStatus::Pending));
+    assert_eq!(f.batch(&b.id).await.counts.completed, 40);
+    f.assert_counts_match_items(&b.id).await;
+    let again = f.store.finish(same_result(&claimed)).await.expect("finish");
+    assert_eq!(again, vec![FinishResult::LeaseLost; 40]);
+}
+
+async fn a_long_run_naming_other_items_writes_only_the_right_ones(f: Fixture) {
+    let (b, _) = f.submit(batch("q", 40)).await;
+    let claimed = f.claim("q", 40).await;
+    // Items 20 and 21 report with each other's tokens: neither may be written.
+    let mut finishes = same_result(&claimed);
+    let token_20 = finishes[20].lease_token.clone();
+    finishes[20].lease_token = std::mem::replace(&mut finishes[21].lease_token, token_20);
+    let results = f.store.finish(finishes).await.expect("finish");
+    let completed = FinishResult::Applied(ItemStatus::Completed);
+    for (k, result) in results.iter().enumerate() {
+        let expected = if k == 20 || k == 21 {
+            FinishResult::LeaseLost
+        } else {
+            completed
+        };
+        assert_eq!(*result, expected, "item {k}");
+    }
+    let items = f.items(&b.id).await;
+    for item in &items {
+        let expected = if item.index == 20 || item.index == 21 {
+            ItemStatus::Running
+        } else {
+            ItemStatus::Completed
+        };
+        assert_eq!(item.status, expected, "item {}", item.index);
+    }
+    f.assert_counts_match_items(&b.id).await;
+    let results = f.store.finish(same_result(&claimed[20..22])).await.expect("finish");
+    assert_eq!(results, vec![completed; 2]);
+    assert_eq!(f.batch(&b.id).await.status, BatchStatus::Completed);
+    f.assert_counts_match_items(&b.id).await;
+}
+
+async fn a_long_run_past_its_lease_writes_only_what_it_covers(f: Fixture) {
+    let (b, _) = f.submit(batch("q", 40)).await;
+    // One range lease over items 0 to 19.
+    let claimed = f.claim("q", 20).await;
+    let parts: Vec<&str> = claimed[0].lease_token.splitn(3, '.').collect();
+    let (lease, secret) = (parts[0], parts[1]);
+    let mut finishes = same_result(&claimed);
+    // Item 20, pending, with that lease's secret and its own index: one past the lease.
+    let item_20 = f.items(&b.id).await.remove(20);
+    finishes.push(Finish {
+        item_id: item_20.id.clone(),
+        lease_token: format!("{lease}.{secret}.20"),
+        outcome: Outcome::Completed {
+            result: json!({"ok": true}),
+        },
+    });
+    let results = f.store.finish(finishes).await.expect("finish");
+    let completed = FinishResult::Applied(ItemStatus::Completed);
+    assert_eq!(results[..20], vec![completed; 20]);
+    assert_eq!(results[20], FinishResult::LeaseLost);
+    let items = f.items(&b.id).await;
+    assert!(items[..20].iter().all(|i| i.status == ItemStatus::Completed));
+    assert!(
+        items[20..]
+            .iter()
+            .all(|i| i.status == ItemStatus::Pending && i.started_at.is_none())
+    );
+    assert_eq!(f.batch(&b.id).await.counts.completed, 20);
     f.assert_counts_match_items(&b.id).await;
 }
