@@ -265,7 +265,8 @@ mod statements {
 
     // A run of consecutive items of one range lease: the items are one range of the
     // `(batch_id, item_index)` index, each checked against its own id and given its own
-    // result by its place in the run; the lease is read once.
+    // result by its place in the run; the lease is read once, and its batch's status once
+    // (the subquery names no column of the row, so it runs once per statement).
     statement!(CompleteRun {
         lease: i64, secret: String, first: i32, last: i32, id: Vec<String>, result: Vec<Value>, now: OffsetDateTime,
     } returns (Integer, Text) =
@@ -277,8 +278,8 @@ mod statements {
         last => Integer, "::int AND i.batch_id = l.batch_id AND i.item_index BETWEEN ", first => Integer,
         "::int AND ", last => Integer, "::int AND i.id = (", id => Array<Text>, "::text[])[i.item_index - ",
         first => Integer, "::int + 1] AND i.status = 'pending' AND i.started_at IS NULL AND i.attempts = 0 \
-         AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = i.batch_id AND b.status IN ('pending', 'running', 'paused')) \
-         RETURNING i.item_index, l.batch_id"
+         AND EXISTS (SELECT 1 FROM batches AS b WHERE b.id = (SELECT r.batch_id FROM leases AS r WHERE r.id = ",
+        lease => BigInt, "::bigint) AND b.status IN ('pending', 'running', 'paused')) RETURNING i.item_index, l.batch_id"
     );
 
     statement!(CompleteOwn {

@@ -33,6 +33,7 @@ conformance!(
     long_runs_give_each_item_its_own_result,
     a_long_run_naming_other_items_writes_only_the_right_ones,
     a_long_run_past_its_lease_writes_only_what_it_covers,
+    a_long_run_of_a_cancelled_batch_ends_cancelled,
 );
 
 async fn claims_by_priority_then_fifo(f: Fixture) {
@@ -817,5 +818,26 @@ async fn a_long_run_past_its_lease_writes_only_what_it_covers(f: Fixture) {
             .all(|i| i.status == ItemStatus::Pending && i.started_at.is_none())
     );
     assert_eq!(f.batch(&b.id).await.counts.completed, 20);
+    f.assert_counts_match_items(&b.id).await;
+}
+
+async fn a_long_run_of_a_cancelled_batch_ends_cancelled(f: Fixture) {
+    let (b, _) = f.submit(batch("q", 30)).await;
+    let claimed = f.claim("q", 30).await;
+    let cancelling = f.store.cancel_batch(Scope::All, &b.id).await.expect("cancel");
+    assert_eq!(cancelling.status, BatchStatus::Cancelling);
+    assert_eq!(cancelling.counts.running, 30);
+    let results = f.store.finish(same_result(&claimed)).await.expect("finish");
+    assert_eq!(results, vec![FinishResult::ItemCancelled; 30]);
+    let done = f.batch(&b.id).await;
+    assert_eq!(done.status, BatchStatus::Cancelled);
+    assert_eq!((done.counts.completed, done.counts.cancelled), (0, 30));
+    assert!(
+        f.items(&b.id)
+            .await
+            .iter()
+            .all(|i| i.status == ItemStatus::Cancelled && i.result.is_none())
+    );
+    assert!(!f.event_types(&b.id).await.contains(&"item.completed".to_owned()));
     f.assert_counts_match_items(&b.id).await;
 }
