@@ -505,35 +505,43 @@ async fn a_run_skips_an_item_that_left_its_range(f: Fixture) {
 }
 
 async fn a_run_naming_other_items_writes_only_the_right_ones(f: Fixture) {
-    let (b, _) = f.submit(batch("q", 6)).await;
-    let claimed = f.claim("q", 6).await;
-    // Items 2 and 3 report with each other's tokens: neither may be written.
+    swapped_tokens_write_only_the_right_ones(f, 6, 2).await;
+}
+
+/// Submits and claims `n` items; items `k` and `k + 1` report with each other's tokens:
+/// neither may be written, every other item is, and their own tokens still hold.
+async fn swapped_tokens_write_only_the_right_ones(f: Fixture, n: usize, k: usize) {
+    let (b, _) = f.submit(batch("q", n)).await;
+    let claimed = f.claim("q", n).await;
     let mut finishes = same_result(&claimed);
-    let token_2 = finishes[2].lease_token.clone();
-    finishes[2].lease_token = std::mem::replace(&mut finishes[3].lease_token, token_2);
+    let token_k = finishes[k].lease_token.clone();
+    finishes[k].lease_token = std::mem::replace(&mut finishes[k + 1].lease_token, token_k);
     let results = f.store.finish(finishes).await.expect("finish");
     let completed = FinishResult::Applied(ItemStatus::Completed);
-    assert_eq!(
-        results,
-        vec![
-            completed,
-            completed,
-            FinishResult::LeaseLost,
-            FinishResult::LeaseLost,
-            completed,
-            completed
-        ]
-    );
-    let items = f.items(&b.id).await;
-    let statuses: Vec<ItemStatus> = items.iter().map(|i| i.status).collect();
-    let (done, running) = (ItemStatus::Completed, ItemStatus::Running);
-    assert_eq!(statuses, vec![done, done, running, running, done, done]);
+    let swapped = |i: usize| i == k || i == k + 1;
+    for (i, result) in results.iter().enumerate() {
+        let expected = if swapped(i) { FinishResult::LeaseLost } else { completed };
+        assert_eq!(*result, expected, "item {i}");
+    }
+    for (i, item) in f.items(&b.id).await.iter().enumerate() {
+        let expected = if swapped(i) {
+            ItemStatus::Running
+        } else {
+            ItemStatus::Completed
+        };
+        assert_eq!(item.status, expected, "item {i}");
+    }
     f.assert_counts_match_items(&b.id).await;
-    // Their own tokens still hold.
-    let results = f.store.finish(same_result(&claimed[2..4])).await.expect("finish");
+    let results = f.store.finish(same_result(&claimed[k..k + 2])).await.expect("finish");
     assert_eq!(results, vec![completed; 2]);
     assert_eq!(f.batch(&b.id).await.status, BatchStatus::Completed);
     f.assert_counts_match_items(&b.id).await;
+}
+
+/// The lease id and secret of a range-claimed item's token (`lease.secret.index`).
+fn lease_and_secret(item: &batchd_storage::ClaimedItem) -> (String, String) {
+    let parts: Vec<&str> = item.lease_token.splitn(3, '.').collect();
+    (parts[0].to_owned(), parts[1].to_owned())
 }
 
 async fn forged_range_tokens_write_nothing(f: Fixture) {
@@ -758,44 +766,14 @@ async fn long_runs_give_each_item_its_own_result(f: Fixture) {
 }
 
 async fn a_long_run_naming_other_items_writes_only_the_right_ones(f: Fixture) {
-    let (b, _) = f.submit(batch("q", 40)).await;
-    let claimed = f.claim("q", 40).await;
-    // Items 20 and 21 report with each other's tokens: neither may be written.
-    let mut finishes = same_result(&claimed);
-    let token_20 = finishes[20].lease_token.clone();
-    finishes[20].lease_token = std::mem::replace(&mut finishes[21].lease_token, token_20);
-    let results = f.store.finish(finishes).await.expect("finish");
-    let completed = FinishResult::Applied(ItemStatus::Completed);
-    for (k, result) in results.iter().enumerate() {
-        let expected = if k == 20 || k == 21 {
-            FinishResult::LeaseLost
-        } else {
-            completed
-        };
-        assert_eq!(*result, expected, "item {k}");
-    }
-    let items = f.items(&b.id).await;
-    for item in &items {
-        let expected = if item.index == 20 || item.index == 21 {
-            ItemStatus::Running
-        } else {
-            ItemStatus::Completed
-        };
-        assert_eq!(item.status, expected, "item {}", item.index);
-    }
-    f.assert_counts_match_items(&b.id).await;
-    let results = f.store.finish(same_result(&claimed[20..22])).await.expect("finish");
-    assert_eq!(results, vec![completed; 2]);
-    assert_eq!(f.batch(&b.id).await.status, BatchStatus::Completed);
-    f.assert_counts_match_items(&b.id).await;
+    swapped_tokens_write_only_the_right_ones(f, 40, 20).await;
 }
 
 async fn a_long_run_past_its_lease_writes_only_what_it_covers(f: Fixture) {
     let (b, _) = f.submit(batch("q", 40)).await;
     // One range lease over items 0 to 19.
     let claimed = f.claim("q", 20).await;
-    let parts: Vec<&str> = claimed[0].lease_token.splitn(3, '.').collect();
-    let (lease, secret) = (parts[0], parts[1]);
+    let (lease, secret) = lease_and_secret(&claimed[0]);
     let mut finishes = same_result(&claimed);
     // Item 20, pending, with that lease's secret and its own index: one past the lease.
     let item_20 = f.items(&b.id).await.remove(20);
