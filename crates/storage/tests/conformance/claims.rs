@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use batchd_domain::{BatchStatus, ItemStatus};
 use batchd_storage::{Finish, FinishResult, ItemReport, LeaseState, NewBatch, Notice, Outcome, Scope};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::support::{Fixture, batch, claim_request, completions_with, conformance, failure, input_n, sequential};
 
@@ -451,33 +451,38 @@ fn same_result(items: &[batchd_storage::ClaimedItem]) -> Vec<Finish> {
 }
 
 async fn a_run_of_equal_results_completes_every_item(f: Fixture) {
-    let (b, _) = f.submit(batch("q", 12)).await;
-    let claimed = f.claim("q", 10).await;
+    claimed_items_complete_out_of_order(f, 12, 10, |_| json!({"ok": true})).await;
+}
+
+/// Submits `n` items and claims `claim` of them, then finishes those in reverse order (as
+/// results arrive), item `i` with `result(i)`: each is written once, with its own result.
+async fn claimed_items_complete_out_of_order(f: Fixture, n: usize, claim: usize, result: impl Fn(i32) -> Value) {
+    let (b, _) = f.submit(batch("q", n)).await;
+    let claimed = f.claim("q", claim).await;
     f.clock.advance(Duration::from_secs(1));
-    // Out of order, as results arrive.
-    let mut finishes = same_result(&claimed);
+    let mut finishes = completions_with(&claimed, |item| result(item.index));
     finishes.reverse();
     let results = f.store.finish(finishes).await.expect("finish");
-    assert_eq!(results, vec![FinishResult::Applied(ItemStatus::Completed); 10]);
+    assert_eq!(results, vec![FinishResult::Applied(ItemStatus::Completed); claim]);
     let items = f.items(&b.id).await;
-    for item in &items[..10] {
+    for item in &items[..claim] {
         assert_eq!(item.status, ItemStatus::Completed);
-        assert_eq!(item.result, Some(json!({"ok": true})));
+        assert_eq!(item.result, Some(result(item.index)), "item {}", item.index);
         assert_eq!(item.attempts, 1);
         assert!(item.started_at.is_some_and(|at| Some(at) < item.completed_at));
     }
     assert!(
-        items[10..]
+        items[claim..]
             .iter()
             .all(|i| i.status == ItemStatus::Pending && i.started_at.is_none())
     );
     let types = f.event_types(&b.id).await;
-    assert_eq!(types.iter().filter(|t| *t == "item.completed").count(), 10);
-    assert_eq!(f.batch(&b.id).await.counts.completed, 10);
+    assert_eq!(types.iter().filter(|t| *t == "item.completed").count(), claim);
+    assert_eq!(f.batch(&b.id).await.counts.completed, claim as i64);
     f.assert_counts_match_items(&b.id).await;
     // Written once: the same completions again change nothing.
     let again = f.store.finish(same_result(&claimed)).await.expect("finish");
-    assert_eq!(again, vec![FinishResult::LeaseLost; 10]);
+    assert_eq!(again, vec![FinishResult::LeaseLost; claim]);
     f.assert_counts_match_items(&b.id).await;
 }
 
@@ -744,25 +749,7 @@ async fn finish_and_claim_never_gives_an_item_twice(f: Fixture) {
 // (16 consecutive items of a lease on PostgreSQL, 4 on SQLite), so both ways are checked.
 
 async fn long_runs_give_each_item_its_own_result(f: Fixture) {
-    let (b, _) = f.submit(batch("q", 50)).await;
-    let claimed = f.claim("q", 40).await;
-    f.clock.advance(Duration::from_secs(1));
-    let mut finishes = completions_with(&claimed, |item| json!({"index": item.index}));
-    finishes.reverse();
-    let results = f.store.finish(finishes).await.expect("finish");
-    assert_eq!(results, vec![FinishResult::Applied(ItemStatus::Completed); 40]);
-    let items = f.items(&b.id).await;
-    for item in &items[..40] {
-        assert_eq!(item.status, ItemStatus::Completed);
-        assert_eq!(item.result, Some(json!({"index": item.index})), "item {}", item.index);
-        assert_eq!(item.attempts, 1);
-        assert!(item.started_at.is_some_and(|at| Some(at) < item.completed_at));
-    }
-    assert!(items[40..].iter().all(|i| i.status == ItemStatus::Pending));
-    assert_eq!(f.batch(&b.id).await.counts.completed, 40);
-    f.assert_counts_match_items(&b.id).await;
-    let again = f.store.finish(same_result(&claimed)).await.expect("finish");
-    assert_eq!(again, vec![FinishResult::LeaseLost; 40]);
+    claimed_items_complete_out_of_order(f, 50, 40, |index| json!({"index": index})).await;
 }
 
 async fn a_long_run_naming_other_items_writes_only_the_right_ones(f: Fixture) {
